@@ -1,0 +1,53 @@
+"""Where a per-channel scale can move between a norm layer and the Linears it feeds, exactly.
+
+A norm's output channel c only reaches the next Linears through their input column c, so
+dividing the norm's gain (and bias) by s_c and multiplying those columns by s_c leaves the
+function unchanged. This holds for pre-LN blocks (Llama: input_layernorm -> q/k/v,
+post_attention_layernorm -> gate/up; CLIP/ViT: layer_norm1 -> q/k/v, layer_norm2 -> fc1) and
+never across a nonlinearity. AWQ folds its scales along these pairs; the tiny checkpoints use
+them to plant outlier channels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class NormFold:
+    name: str                     # the norm's qualified name
+    norm: nn.Module
+    linears: tuple[nn.Linear, ...]
+
+
+def _children(module: nn.Module, *paths: str) -> tuple[nn.Linear, ...] | None:
+    found = []
+    for path in paths:
+        try:
+            found.append(module.get_submodule(path))
+        except AttributeError:
+            return None
+    return tuple(found) if all(isinstance(m, nn.Linear) for m in found) else None
+
+
+# (norm attribute, Linears it feeds) for the pre-LN block layouts the suite knows.
+_PATTERNS = (
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("layer_norm1", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("layer_norm2", ("mlp.fc1",)),
+)
+
+
+def norm_linear_pairs(root: nn.Module) -> list[NormFold]:
+    folds = []
+    for prefix, module in root.named_modules():
+        for norm_attr, linear_paths in _PATTERNS:
+            norm = getattr(module, norm_attr, None)
+            if norm is None or not hasattr(norm, "weight"):
+                continue
+            linears = _children(module, *linear_paths)
+            if linears:
+                folds.append(NormFold(f"{prefix}.{norm_attr}" if prefix else norm_attr, norm, linears))
+    return folds

@@ -1,0 +1,68 @@
+"""Fake-quant primitives shared by every method: min-max grids, rounding, dequantization.
+
+Conventions follow the GPTQ reference (IST-DASLab/gptq, quant.py) so that RTN and GPTQ use one
+grid: per row (output channel) or per group of columns, xmin = min(w.min, 0), xmax = max(w.max, 0);
+asymmetric: scale = (xmax - xmin) / (2^bits - 1), zero = round(-xmin / scale); symmetric:
+xmax = max(|xmin|, xmax), xmin = -xmax, zero = 2^(bits-1). q = clamp(round(w/scale) + zero,
+0, 2^bits - 1); dequantized = scale * (q - zero).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class QuantizedTensor:
+    dequantized: torch.Tensor   # same shape and dtype as the input
+    codes: torch.Tensor         # uint8 integer codes, same shape
+    scale: torch.Tensor         # (rows, n_groups) float32
+    zero: torch.Tensor          # (rows, n_groups) float32 (integer valued)
+
+
+def grid_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point for each row of a 2-D float tensor (the last dim is reduced)."""
+    maxq = 2 ** bits - 1
+    xmin = w.min(dim=-1, keepdim=True).values.clamp(max=0)
+    xmax = w.max(dim=-1, keepdim=True).values.clamp(min=0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    # An all-zero row would give scale 0; the reference widens it to [-1, 1].
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(empty, torch.ones_like(xmax), xmax)
+    scale = (xmax - xmin) / maxq
+    zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-xmin / scale)
+    return scale, zero
+
+
+def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int):
+    """Round onto a given grid; returns (codes, dequantized)."""
+    q = torch.clamp(torch.round(w / scale) + zero, 0, 2 ** bits - 1)
+    return q, scale * (q - zero)
+
+
+def fake_quantize(weight: torch.Tensor, bits: int, group_size: int = -1, sym: bool = False) -> QuantizedTensor:
+    """Round-to-nearest on a (out_features, in_features) weight, per row or per column group.
+    A last group narrower than group_size (in_features not a multiple) is its own group."""
+    rows, cols = weight.shape
+    g = cols if group_size == -1 or group_size >= cols else group_size
+    n_groups = -(-cols // g)
+    # Zero padding is exact here: every grid already contains 0 (xmin <= 0 <= xmax).
+    w = torch.nn.functional.pad(weight.detach().float(), (0, n_groups * g - cols))
+    groups = w.reshape(rows * n_groups, g)
+    scale, zero = grid_params(groups, bits, sym)
+    codes, deq = quantize_with(groups, scale, zero, bits)
+    return QuantizedTensor(deq.reshape(rows, -1)[:, :cols].to(weight.dtype),
+                           codes.reshape(rows, -1)[:, :cols].to(torch.uint8),
+                           scale.reshape(rows, n_groups), zero.reshape(rows, n_groups))
+
+
+def fake_quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Dynamic asymmetric per-token fake quantization of activations (last dim = channels)."""
+    flat = x.float().reshape(-1, x.shape[-1])
+    scale, zero = grid_params(flat, bits, sym=False)
+    _, deq = quantize_with(flat, scale, zero, bits)
+    return deq.reshape(x.shape).to(x.dtype)

@@ -1,0 +1,95 @@
+"""Command line for results files: python -m reports {compare,summary,plot}.
+
+Exit codes are meant for CI: 0 fine, 1 a regression was found (compare),
+2 the input could not be used (missing or malformed CSV, bad arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections.abc import Sequence
+
+from reports.csv_log import read_rows
+
+EXIT_OK = 0
+EXIT_REGRESSION = 1
+EXIT_BAD_INPUT = 2
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m reports",
+        description="Summarize, compare and plot vlm-quant-bench results CSVs.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    compare = commands.add_parser(
+        "compare",
+        help="flag primary metrics that got worse from BASE to HEAD",
+        description=(
+            "Match primary-metric rows by (model, task, config_hash, metric) and print a "
+            "markdown table. Exits 1 if any metric got worse by more than the tolerance, "
+            "0 otherwise, 2 if a file cannot be read."
+        ),
+    )
+    compare.add_argument("base", metavar="BASE.csv", help="results of the reference run")
+    compare.add_argument("head", metavar="HEAD.csv", help="results of the run under test")
+    compare.add_argument(
+        "--tolerance",
+        type=float,
+        default=1.0,
+        metavar="X",
+        help="largest allowed worsening, in the metric's own units (default: 1.0)",
+    )
+
+    summary = commands.add_parser(
+        "summary",
+        help="print a table of each test's primary metric",
+        description="Print a fixed-width table of each test's primary metric.",
+    )
+    summary.add_argument("results", metavar="RESULTS.csv", help="merged results file")
+
+    plot = commands.add_parser(
+        "plot",
+        help="write one metric-vs-bpw PNG per (model, task)",
+        description="Write one primary-metric-vs-bits-per-weight PNG per (model, task).",
+    )
+    plot.add_argument("results", metavar="RESULTS.csv", help="merged results file")
+    plot.add_argument("--out", metavar="DIR", required=True, help="directory for the PNG files")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "compare":
+        from reports.compare import compare
+
+        markdown, regressed = compare(read_rows(args.base), read_rows(args.head), args.tolerance)
+        print(markdown)
+        return EXIT_REGRESSION if regressed else EXIT_OK
+    if args.command == "summary":
+        from reports.summary import format_summary
+
+        print(format_summary(read_rows(args.results)))
+        return EXIT_OK
+    # Imported only here: matplotlib is slow to import and only plot needs it.
+    from reports.plots import plot_results
+
+    for path in plot_results(read_rows(args.results), args.out):
+        print(path)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (OSError, ValueError, csv.Error) as error:
+        # One line, no traceback: the message already names the file.
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

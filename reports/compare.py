@@ -1,0 +1,109 @@
+"""Compare two results files and flag primary metrics that got worse.
+
+Rows are matched by (model, task, config_hash, metric): the config hash,
+not the config name, identifies what was measured, so a renamed config
+still matches and an edited one does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from reports.schema import is_primary, parse_bool, parse_float
+
+MatchKey = tuple[str, str, str, str]
+
+# Float noise (e.g. 70.3 - 69.3) must not turn "exactly at tolerance" into a
+# regression.
+_EPSILON = 1e-9
+
+
+@dataclass(frozen=True)
+class _Measured:
+    config: str
+    value: float
+    higher_is_better: bool
+
+
+def _latest_by_key(rows: Sequence[dict[str, str]]) -> dict[MatchKey, _Measured]:
+    """Primary rows with a numeric value; for repeated keys the last wins."""
+    latest: dict[MatchKey, _Measured] = {}
+    for row in rows:
+        value = parse_float(row.get("value"))
+        # A row without a value (the test failed before measuring) counts as
+        # absent, so it shows as new/missing rather than as a number.
+        if not is_primary(row) or value is None:
+            continue
+        key = (row.get("model", ""), row.get("task", ""), row.get("config_hash", ""), row.get("metric", ""))
+        # Unknown direction defaults to "higher is better", the common case
+        # (accuracy, CIDEr, ...).
+        higher = parse_bool(row.get("higher_is_better"))
+        latest[key] = _Measured(row.get("config", ""), value, higher is not False)
+    return latest
+
+
+def _verdict(base: _Measured | None, head: _Measured | None, tolerance: float) -> str:
+    if base is None:
+        return "new"
+    if head is None:
+        return "missing"
+    change = head.value - base.value
+    worsening = -change if head.higher_is_better else change
+    return "REGRESSION" if worsening > tolerance + _EPSILON else "ok"
+
+
+def _cell(text: str) -> str:
+    # A pipe inside a cell would split it into two columns.
+    return text.replace("|", "\\|")
+
+
+def _fmt(measured: _Measured | None) -> str:
+    return "-" if measured is None else f"{measured.value:.2f}"
+
+
+def compare(
+    base_rows: Sequence[dict[str, str]],
+    head_rows: Sequence[dict[str, str]],
+    tolerance: float = 1.0,
+) -> tuple[str, bool]:
+    """Match primary metrics of base and head and judge each change.
+
+    A regression is head worse than base by more than tolerance (in the
+    metric's own units), in the direction given by higher_is_better.
+    Returns a markdown report and whether any regression was found.
+    """
+    base = _latest_by_key(base_rows)
+    head = _latest_by_key(head_rows)
+
+    def reading_order(key: MatchKey) -> tuple[str, ...]:
+        # Group by model, task and metric; within them order by config name,
+        # which a reader recognises (the hash only breaks ties).
+        model, task, config_hash, metric = key
+        return (model, task, metric, (head.get(key) or base[key]).config, config_hash)
+
+    keys = sorted(set(base) | set(head), key=reading_order)
+
+    lines = [
+        "| config | model | task | metric | base | head | change | verdict |",
+        "|---|---|---|---|---:|---:|---:|---|",
+    ]
+    verdicts = []
+    for key in keys:
+        model, task, _config_hash, metric = key
+        before, after = base.get(key), head.get(key)
+        verdict = _verdict(before, after, tolerance)
+        verdicts.append(verdict)
+        change = "-" if before is None or after is None else f"{after.value - before.value:+.2f}"
+        config = (after or before).config
+        cells = (config, model, task, metric, _fmt(before), _fmt(after), change, verdict)
+        lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
+
+    regressions = verdicts.count("REGRESSION")
+    lines.append("")
+    lines.append(
+        f"{regressions} regression(s) among {verdicts.count('ok') + regressions} compared "
+        f"metrics (tolerance {tolerance:g}); {verdicts.count('new')} new, "
+        f"{verdicts.count('missing')} missing."
+    )
+    return "\n".join(lines), regressions > 0

@@ -1,0 +1,97 @@
+"""The long-format results contract: one CSV row per (test, metric).
+
+Every benchmark test writes rows with exactly these columns, in this order.
+Keeping the contract in one module lets the writer, the reader and the
+report tools agree on names and on how values are spelled in text.
+"""
+
+from __future__ import annotations
+
+import math
+
+CSV_COLUMNS: tuple[str, ...] = (
+    "run_id",
+    "commit",
+    "timestamp",
+    "test_id",
+    "model",
+    "task",
+    "config",
+    "method",
+    "components",
+    "w_bits",  # per component, e.g. "vision=4,language=4"
+    "a_bits",
+    "group_size",
+    "sym",
+    "config_hash",
+    "metric",
+    "value",
+    "primary",  # "true" on the one headline metric of a test
+    "higher_is_better",
+    "fp_value",  # the same metric for the unquantized model
+    "delta",  # value - fp_value
+    "rel_delta",  # delta / fp_value
+    "n_samples",
+    "bpw",
+    "quant_seconds",
+    "eval_seconds",
+    "peak_mem_mb",
+    "device",
+    "worker",
+    "status",
+)
+
+STATUSES: tuple[str, ...] = ("passed", "failed", "error", "skipped")
+
+# Booleans are spelled in lower case so the files read the same in any tool.
+TRUE_TEXT = "true"
+FALSE_TEXT = "false"
+
+
+def format_cell(value: object) -> str:
+    """Spell one Python value the way the contract stores it in text."""
+    if value is None:
+        return ""
+    # bool before numbers: True is also an int and would otherwise print as "1".
+    if isinstance(value, bool):
+        return TRUE_TEXT if value else FALSE_TEXT
+    if isinstance(value, float):
+        # repr is the shortest text that reads back to the same float.
+        return "" if math.isnan(value) else repr(value)
+    return str(value)
+
+
+def parse_float(cell: object) -> float | None:
+    """Read a numeric cell; empty, unparsable or NaN cells mean "unknown".
+
+    Numbers pass through too, so rows still in memory (not yet written
+    and read back as text) can be summarized and compared the same way.
+    """
+    if cell is None or isinstance(cell, bool):
+        return None
+    if isinstance(cell, (int, float)):
+        number = float(cell)
+    else:
+        try:
+            number = float(str(cell).strip())
+        except ValueError:
+            return None
+    return None if math.isnan(number) else number
+
+
+def parse_bool(cell: object) -> bool | None:
+    """Read a true/false cell; anything else means "unknown"."""
+    if isinstance(cell, bool):
+        return cell
+    if cell is None:
+        return None
+    lowered = str(cell).strip().lower()
+    if lowered in (TRUE_TEXT, "1", "yes"):
+        return True
+    if lowered in (FALSE_TEXT, "0", "no"):
+        return False
+    return None
+
+
+def is_primary(row: dict[str, object]) -> bool:
+    return parse_bool(row.get("primary")) is True

@@ -1,0 +1,130 @@
+"""VQAv2: open-ended questions scored with the official 10-answer accuracy.
+
+Sources:
+- the official files under a root: v2_OpenEnded_mscoco_{subset}_questions.json,
+  v2_mscoco_{subset}_annotations.json and {subset}/COCO_{subset}_{image_id:012d}.jpg;
+- an HF dataset with the `lmms-lab/VQAv2` schema (question_id, question, answers, image, ...),
+  by hub id (needs the user's local HF cache, the suite runs offline) or a local parquet/arrow path.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from tasks.base import DataError, DataMissing, TaskResult, batched, read_json, require
+from tasks.vqa_eval import vqa_accuracy
+
+NAME = "vqav2"
+PRIMARY_METRIC = "accuracy"
+MAX_NEW_TOKENS = 10
+
+
+@dataclass
+class VQASample:
+    question_id: int
+    question: str
+    answers: list[str]
+    answer_type: str
+    multiple_choice_answer: str
+    image_source: str
+    _load: Callable[[], Image.Image]
+
+    def image(self) -> Image.Image:
+        return self._load()
+
+
+def _open_image(path: Path) -> Callable[[], Image.Image]:
+    def load() -> Image.Image:
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except FileNotFoundError:
+            raise DataMissing(f"image not found: {path}") from None
+        except (UnidentifiedImageError, OSError) as err:
+            raise DataError(f"{path}: unreadable image ({err})") from None
+    return load
+
+
+def load_official(root: Path, subset: str) -> list[VQASample]:
+    """Read the official question + annotation files of one subset (e.g. val2014)."""
+    root = Path(root)
+    q_path = root / f"v2_OpenEnded_mscoco_{subset}_questions.json"
+    a_path = root / f"v2_mscoco_{subset}_annotations.json"
+    questions = read_json(q_path)
+    annotations = read_json(a_path)
+    require(questions, ["questions"], str(q_path))
+    require(annotations, ["annotations"], str(a_path))
+    by_id = {}
+    for i, ann in enumerate(annotations["annotations"]):
+        require(ann, ["question_id", "answers", "multiple_choice_answer"], f"{a_path}: annotations[{i}]")
+        by_id[ann["question_id"]] = ann
+    samples = []
+    for i, q in enumerate(questions["questions"]):
+        require(q, ["question_id", "image_id", "question"], f"{q_path}: questions[{i}]")
+        ann = by_id.get(q["question_id"])
+        if ann is None:
+            raise DataError(f"{a_path}: no annotation for question_id {q['question_id']}")
+        image = root / subset / f"COCO_{subset}_{q['image_id']:012d}.jpg"
+        samples.append(VQASample(
+            question_id=q["question_id"], question=q["question"],
+            answers=[a["answer"] for a in ann["answers"]], answer_type=ann.get("answer_type", ""),
+            multiple_choice_answer=ann["multiple_choice_answer"], image_source=str(image),
+            _load=_open_image(image)))
+    return samples
+
+
+def load_hf(dataset: str, split: str, revision: str | None = None) -> list[VQASample]:
+    """Rows with the lmms-lab/VQAv2 schema, from a hub id or a local parquet/arrow file."""
+    import datasets  # imported here: slow to import and only needed for this source
+
+    path = Path(dataset)
+    try:
+        if path.suffix in (".parquet", ".arrow"):
+            if not path.is_file():
+                raise DataMissing(f"file not found: {path}")
+            rows = datasets.load_dataset(path.suffix[1:], data_files={split: str(path)}, split=split)
+        else:
+            rows = datasets.load_dataset(dataset, split=split, revision=revision)
+    except (FileNotFoundError, ConnectionError) as err:
+        raise DataMissing(f"dataset {dataset!r} (split {split}) not available offline: {err}") from None
+    samples = []
+    for i, row in enumerate(rows):
+        require(row, ["question_id", "question", "answers", "image"], f"{dataset}[{i}]")
+        answers = [a["answer"] if isinstance(a, dict) else a for a in row["answers"]]
+        samples.append(VQASample(
+            question_id=row["question_id"], question=row["question"], answers=answers,
+            answer_type=row.get("answer_type") or "",
+            multiple_choice_answer=row.get("multiple_choice_answer") or "",
+            image_source=f"{dataset}[{i}]", _load=lambda img=row["image"]: img.convert("RGB")))
+    return samples
+
+
+def evaluate(adapter: Any, samples: list[VQASample], batch_size: int = 32,
+             progress: bool = True) -> TaskResult:
+    """Greedy short answers for every sample, scored with the official VQA accuracy (in %)."""
+    logs: list[dict[str, Any]] = []
+    by_type: dict[str, list[float]] = defaultdict(list)
+    bar = tqdm(total=len(samples), desc=f"{NAME}", unit="q", disable=not progress, leave=False)
+    for batch in batched(samples, batch_size):
+        prompts = [adapter.vqa_prompt(s.question) for s in batch]
+        predictions = adapter.generate([s.image() for s in batch], prompts, MAX_NEW_TOKENS)
+        for sample, prompt, prediction in zip(batch, prompts, predictions):
+            score = vqa_accuracy(prediction, sample.answers)
+            by_type[sample.answer_type].append(score)
+            logs.append({"question_id": sample.question_id, "prompt": prompt,
+                         "prediction": prediction, "answers": sample.answers, "score": score})
+        bar.update(len(batch))
+    bar.close()
+    if not logs:
+        raise DataError("vqav2: no samples to evaluate")
+    scores = [entry["score"] for entry in logs]
+    metrics = {"accuracy": 100.0 * sum(scores) / len(scores)}
+    for answer_type, values in sorted(by_type.items()):
+        if answer_type:
+            metrics[f"accuracy_{answer_type.replace('/', '_')}"] = 100.0 * sum(values) / len(values)
+    return TaskResult(metrics, PRIMARY_METRIC, True, len(logs), logs)
