@@ -27,6 +27,7 @@ MAX_NEW_TOKENS = 10
 @dataclass
 class VQASample:
     question_id: int
+    image_id: int
     question: str
     answers: list[str]
     answer_type: str
@@ -71,7 +72,7 @@ def load_official(root: Path, subset: str) -> list[VQASample]:
             raise DataError(f"{a_path}: no annotation for question_id {q['question_id']}")
         image = root / subset / f"COCO_{subset}_{q['image_id']:012d}.jpg"
         samples.append(VQASample(
-            question_id=q["question_id"], question=q["question"],
+            question_id=q["question_id"], image_id=q["image_id"], question=q["question"],
             answers=[a["answer"] for a in ann["answers"]], answer_type=ann.get("answer_type", ""),
             multiple_choice_answer=ann["multiple_choice_answer"], image_source=str(image),
             _load=_open_image(image)))
@@ -97,7 +98,8 @@ def load_hf(dataset: str, split: str, revision: str | None = None) -> list[VQASa
         require(row, ["question_id", "question", "answers", "image"], f"{dataset}[{i}]")
         answers = [a["answer"] if isinstance(a, dict) else a for a in row["answers"]]
         samples.append(VQASample(
-            question_id=row["question_id"], question=row["question"], answers=answers,
+            question_id=row["question_id"], image_id=row.get("image_id", -1), question=row["question"],
+            answers=answers,
             answer_type=row.get("answer_type") or "",
             multiple_choice_answer=row.get("multiple_choice_answer") or "",
             image_source=f"{dataset}[{i}]", _load=lambda img=row["image"]: img.convert("RGB")))
