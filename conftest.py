@@ -63,7 +63,7 @@ def pytest_configure(config: pytest.Config) -> None:
     for name in config._vqb_grid.models:  # type: ignore[attr-defined]
         config.addinivalue_line("markers", f"{name}: model {name} from the grid")
     report_dir = _report_dir(config)
-    if not _is_worker(config):
+    if not _is_worker(config) and _runs_benchmarks(config):
         config._vqb_run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"  # type: ignore[attr-defined]
         for stale in ("parts", "baselines"):  # a run starts clean; results.csv is replaced at the end
             for path in (report_dir / stale).glob("*"):
@@ -72,8 +72,13 @@ def pytest_configure(config: pytest.Config) -> None:
             config.option.xmlpath = str(report_dir / "junit.xml")
 
 
+def _runs_benchmarks(config: pytest.Config) -> bool:
+    """The suite's own unit tests (`pytest tests`) leave the benchmark reports alone."""
+    return not config.args or any("benchmarks" in str(arg) for arg in config.args)
+
+
 def pytest_configure_node(node) -> None:  # xdist: hand the run id to each worker
-    node.workerinput["vqb_run_id"] = node.config._vqb_run_id
+    node.workerinput["vqb_run_id"] = getattr(node.config, "_vqb_run_id", "")
 
 
 def _worker_id(config: pytest.Config) -> str:
@@ -182,7 +187,7 @@ def pytest_runtest_makereport(item: pytest.Item, call):
 
 
 def _run_id(config: pytest.Config) -> str:
-    return config.workerinput["vqb_run_id"] if _is_worker(config) else config._vqb_run_id
+    return config.workerinput["vqb_run_id"] if _is_worker(config) else getattr(config, "_vqb_run_id", "")
 
 
 _COMMIT: list[str] = []
@@ -201,7 +206,7 @@ def _commit() -> str:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     config = session.config
-    if _is_worker(config):
+    if _is_worker(config) or not _runs_benchmarks(config):
         return
     report_dir = _report_dir(config)
     parts = sorted((report_dir / "parts").glob("results-*.csv"))

@@ -1,0 +1,63 @@
+"""Grid validation: every malformed grid is one GridError naming the file and the field."""
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fixtures.grid import GridError, load_grid
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD = """
+models:
+  m: {family: llava, path: fixtures/tiny/llava-tiny}
+tasks:
+  vqav2: {data: embedded}
+configs:
+  - {name: fp16, method: fp}
+  - {name: q, method: rtn, bits: {language: 4, vision: 16}, expect: {max_rel_drop: 0.1}}
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "grid.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_shipped_grids_load():
+    for path in (ROOT / "benchmarks" / "grids").glob("*.yaml"):
+        assert load_grid(path).cases, path
+
+
+def test_good_grid_expands_and_drops_16_bit_components(tmp_path):
+    grid = load_grid(write(tmp_path, GOOD))
+    assert [c.id for c in grid.cases] == ["m-fp16", "m-q"]
+    assert grid.cases[1].config.bits == {"language": 4}
+    assert set(grid.cases[1].mark_names) == {"rtn", "vqav2", "m", "w4", "language"}
+    assert grid.cases[0].mark_names == ["fp", "vqav2", "m", "fp16"]
+
+
+@pytest.mark.parametrize("change, field", [
+    (("method: rtn", "method: magic"), "unknown method 'magic'"),
+    (("language: 4", "language: 9"), "bits for 'language' must be an integer in 2..8, got 9"),
+    (("language: 4", "language: 1"), "got 1"),
+    (("language: 4", "language: four"), "got 'four'"),
+    (("vqav2: {data: embedded}", "vqa3: {data: embedded}"), "tasks.vqa3: unknown task"),
+    (("max_rel_drop", "max_loss"), "configs[1].expect: unknown field(s) max_loss"),
+    (("{name: fp16, method: fp}", "{name: q, method: fp}"), "configs[1]: duplicate config name 'q'"),
+    (("family: llava, ", ""), "models.m.family: required string"),
+    (("configs:", "confgs:"), "top level: unknown field(s) confgs"),
+])
+def test_bad_field_is_named(tmp_path, change, field):
+    with pytest.raises(GridError) as info:
+        load_grid(write(tmp_path, GOOD.replace(*change)))
+    message = str(info.value)
+    assert field in message and "grid.yaml" in message
+    assert "\n" not in message
+
+
+def test_not_yaml_and_missing_file(tmp_path):
+    with pytest.raises(GridError, match="not valid YAML"):
+        load_grid(write(tmp_path, "models: [unclosed"))
+    with pytest.raises(GridError, match="grid file not found"):
+        load_grid(tmp_path / "nope.yaml")

@@ -1,0 +1,93 @@
+"""RTN arithmetic by hand, coverage checks and exact bits per weight."""
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from fixtures.adapters import load_adapter
+from quantizers import api
+from quantizers.bpw import LayerRecord, bits_per_weight
+from quantizers.config import ConfigError, make_config
+from quantizers.primitives import fake_quantize
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_asymmetric_two_bit_by_hand():
+    # xmin=-1, xmax=1 -> scale 2/3, zero round(1.5)=2; codes clamp(round(w/scale)+2, 0, 3)
+    out = fake_quantize(torch.tensor([[-1.0, 0.0, 0.5, 1.0]]), bits=2)
+    assert out.codes.tolist() == [[0, 2, 3, 3]]
+    assert torch.allclose(out.dequantized, torch.tensor([[-4 / 3, 0.0, 2 / 3, 2 / 3]]))
+    assert out.scale.item() == pytest.approx(2 / 3) and out.zero.item() == 2
+
+
+def test_symmetric_four_bit_by_hand():
+    # xmax = max(|-3|, 2) = 3 -> scale 6/15 = 0.4, zero 8; round half to even: -7.5 -> -8, 2.5 -> 2
+    out = fake_quantize(torch.tensor([[-3.0, 1.0, 2.0]]), bits=4, sym=True)
+    assert out.codes.tolist() == [[0, 10, 13]]
+    assert torch.allclose(out.dequantized, torch.tensor([[-3.2, 0.8, 2.0]]))
+
+
+def test_groups_match_per_group_quantization_including_a_short_last_group():
+    w = torch.randn(3, 20, generator=torch.Generator().manual_seed(0))
+    grouped = fake_quantize(w, bits=3, group_size=8)
+    assert grouped.scale.shape == (3, 3)
+    for start in (0, 8, 16):
+        alone = fake_quantize(w[:, start:start + 8], bits=3)
+        assert torch.equal(grouped.dequantized[:, start:start + 8], alone.dequantized)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_error_within_half_a_step_and_shrinking_with_bits(bits):
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(bits))
+    out = fake_quantize(w, bits=bits, group_size=16)
+    step = out.scale.repeat_interleave(16, dim=1)
+    assert ((w - out.dequantized).abs() <= step / 2 + 1e-6).all()
+    if bits < 8:
+        finer = fake_quantize(w, bits=bits + 1, group_size=16)
+        assert (w - finer.dequantized).pow(2).mean() < (w - out.dequantized).pow(2).mean()
+
+
+def test_bits_per_weight_by_hand():
+    model = nn.Sequential(nn.Linear(32, 4, bias=False), nn.Linear(4, 2))
+    record = LayerRecord("0", "a", bits=4, numel=128, n_groups=4, sym=False)
+    bpw = bits_per_weight(model, [record], {"a": "0", "b": "1"})
+    # 4 bits x 128 + 4 rows x (16-bit scale + 16-bit zero); the 10 other parameters at 16 bits
+    assert bpw["a"] == pytest.approx((4 * 128 + 4 * 32) / 128)
+    assert bpw["b"] == 16
+    assert bpw["model"] == pytest.approx((640 + 160) / 138)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_adapter("llava-tiny", "llava", "fixtures/tiny/llava-tiny", torch.device("cpu"), "float32", ROOT)
+
+
+def test_every_targeted_linear_changes_and_nothing_else(tiny):
+    adapter = copy.deepcopy(tiny)
+    report = api.quantize(adapter, make_config("q", "rtn", {"language": 3}))
+    before, after = dict(tiny.model.named_parameters()), dict(adapter.model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    linears = {f"{n}.weight" for n, m in adapter.model.named_modules()
+               if isinstance(m, nn.Linear) and n.startswith("model.language_model.")}
+    assert changed == linears and linears
+    assert {r.name + ".weight" for r in report.layers} == linears
+    assert "lm_head.weight" not in changed  # protected unless named
+    assert 3 < report.bpw["language"] < 16 and report.bpw["vision"] == 16
+
+
+def test_a_layer_silently_skipped_is_caught(tiny, monkeypatch):
+    def skip_first(targets, config, calibration=None):
+        return api.rtn.quantize_targets(targets[1:], config)
+    monkeypatch.setitem(api.METHOD_FUNCTIONS, "rtn", skip_first)
+    with pytest.raises(api.CoverageError, match="targeted but unchanged"):
+        api.quantize(copy.deepcopy(tiny), make_config("q", "rtn", {"connector": 4}))
+
+
+def test_unknown_component_and_unimplemented_method(tiny):
+    with pytest.raises(ConfigError, match="no component 'qformer'"):
+        api.quantize(copy.deepcopy(tiny), make_config("q", "rtn", {"qformer": 4}))
+    with pytest.raises(ConfigError, match="not implemented yet"):
+        api.quantize(copy.deepcopy(tiny), make_config("q", "gptq", {"language": 4}))
