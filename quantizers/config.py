@@ -7,7 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 METHODS = ("fp", "rtn", "gptq", "awq", "qvlm", "qig")
-IMPLEMENTED_METHODS = ("fp", "rtn")
+LAYER_TYPES = ("attention", "mlp", "both")
+# The suite's component vocabulary; each model family maps the ones it has to its modules.
+COMPONENT_NAMES = ("vision", "qformer", "connector", "language", "lm_head")
+IMPLEMENTED_METHODS = ("fp", "rtn", "gptq", "awq")
 MIN_BITS, MAX_BITS = 2, 8
 FULL_PRECISION = 16
 
@@ -24,6 +27,8 @@ class QuantConfig:
     a_bits: int | None = None                    # activation bits (dynamic, per token); None = 16
     group_size: int = -1                         # -1: one scale per output channel
     sym: bool = False
+    layers: str = "all"          # all | first | middle | last (thirds of each stack) | "0-3" | "0,2,5"
+    layer_types: str = "both"    # attention | mlp | both
     params: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -42,6 +47,12 @@ class QuantConfig:
             raise ConfigError(f"{where}: a_bits must be an integer in 4..16, got {self.a_bits!r}")
         if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size < 8):
             raise ConfigError(f"{where}: group_size must be -1 (per channel) or >= 8, got {self.group_size!r}")
+        if self.layer_types not in LAYER_TYPES:
+            raise ConfigError(f"{where}: layer_types must be one of {', '.join(LAYER_TYPES)}, got {self.layer_types!r}")
+        try:
+            layer_filter(self.layers, 3)
+        except ValueError as err:
+            raise ConfigError(f"{where}: layers: {err}") from None
 
     @property
     def bits(self) -> dict[str, int]:
@@ -58,11 +69,31 @@ class QuantConfig:
     def fingerprint(self) -> dict[str, Any]:
         """Everything that changes the quantized weights (not the display name)."""
         return {"method": self.method, "w_bits": list(self.w_bits), "a_bits": self.a_bits,
-                "group_size": self.group_size, "sym": self.sym, "params": list(self.params)}
+                "group_size": self.group_size, "sym": self.sym, "layers": self.layers,
+                "layer_types": self.layer_types, "params": list(self.params)}
 
     def hash(self, *extra: Any) -> str:
         blob = json.dumps([self.fingerprint(), *extra], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def layer_filter(spec: str, depth: int) -> set[int]:
+    """Block indices of a stack of `depth` blocks that a `layers` spec selects: the paper's
+    first/middle/last thirds (boundaries rounded, so 32 blocks split 11/10/11 and a 2-block
+    stack has an empty middle), a range "0-3" or a list "0,2,5"."""
+    spec = str(spec).strip()
+    low, high = round(depth / 3), round(2 * depth / 3)
+    named = {"all": range(depth), "first": range(low), "middle": range(low, high),
+             "last": range(high, depth)}
+    if spec in named:
+        return set(named[spec])
+    chosen: set[int] = set()
+    for part in spec.split(","):
+        low, dash, high = part.strip().partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()):
+            raise ValueError(f"expected all, first, middle, last, a range like 0-3 or a list like 0,2; got {spec!r}")
+        chosen.update(range(int(low), int(high) + 1) if dash else {int(low)})
+    return chosen
 
 
 def make_config(name: str, method: str, bits: Mapping[str, int] | None = None, **kwargs) -> QuantConfig:

@@ -19,6 +19,25 @@ class QuantizedTensor:
     codes: torch.Tensor         # uint8 integer codes, same shape
     scale: torch.Tensor         # (rows, n_groups) float32
     zero: torch.Tensor          # (rows, n_groups) float32 (integer valued)
+    group_index: torch.Tensor | None = None  # (cols,) column -> group; None: consecutive groups
+
+    def column_groups(self, group_size: int) -> torch.Tensor:
+        cols = self.codes.shape[1]
+        return self.group_index if self.group_index is not None else plain_group_index(cols, group_size)
+
+
+def plain_group_index(in_features: int, group_size: int) -> torch.Tensor:
+    """Column -> group for consecutive groups of group_size columns (-1: one group per row)."""
+    g = in_features if group_size == -1 or group_size >= in_features else group_size
+    return torch.arange(in_features) // g
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_index: torch.Tensor,
+               dtype: torch.dtype) -> torch.Tensor:
+    """scale * (codes - zero) in float32, then cast: the very arithmetic of quantize_with, so a
+    model restored from integer codes is bit-identical to the one quantized in place."""
+    gi = group_index.long().to(codes.device)
+    return (scale[:, gi] * (codes.float() - zero[:, gi])).to(dtype)
 
 
 def grid_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -67,7 +67,7 @@ def tiny():
 
 def test_every_targeted_linear_changes_and_nothing_else(tiny):
     adapter = copy.deepcopy(tiny)
-    report = api.quantize(adapter, make_config("q", "rtn", {"language": 3}))
+    report, entry = api.quantize(adapter, make_config("q", "rtn", {"language": 3}))
     before, after = dict(tiny.model.named_parameters()), dict(adapter.model.named_parameters())
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     linears = {f"{n}.weight" for n, m in adapter.model.named_modules()
@@ -76,12 +76,12 @@ def test_every_targeted_linear_changes_and_nothing_else(tiny):
     assert {r.name + ".weight" for r in report.layers} == linears
     assert "lm_head.weight" not in changed  # protected unless named
     assert 3 < report.bpw["language"] < 16 and report.bpw["vision"] == 16
+    assert set(entry.weights) == linears and not entry.raw
 
 
 def test_a_layer_silently_skipped_is_caught(tiny, monkeypatch):
-    def skip_first(targets, config, calibration=None):
-        return api.rtn.quantize_targets(targets[1:], config)
-    monkeypatch.setitem(api.METHOD_FUNCTIONS, "rtn", skip_first)
+    original = api.rtn.quantize_targets
+    monkeypatch.setattr(api.rtn, "quantize_targets", lambda targets, config: original(targets[1:], config))
     with pytest.raises(api.CoverageError, match="targeted but unchanged"):
         api.quantize(copy.deepcopy(tiny), make_config("q", "rtn", {"connector": 4}))
 
@@ -90,4 +90,6 @@ def test_unknown_component_and_unimplemented_method(tiny):
     with pytest.raises(ConfigError, match="no component 'qformer'"):
         api.quantize(copy.deepcopy(tiny), make_config("q", "rtn", {"qformer": 4}))
     with pytest.raises(ConfigError, match="not implemented yet"):
+        api.quantize(copy.deepcopy(tiny), make_config("q", "qvlm", {"language": 4}))
+    with pytest.raises(ConfigError, match="needs calibration data"):
         api.quantize(copy.deepcopy(tiny), make_config("q", "gptq", {"language": 4}))

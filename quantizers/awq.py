@@ -1,0 +1,242 @@
+"""AWQ (activation-aware weight quantization), tensor-level core: scale search, clip search,
+exact folds of the scale into the previous op, an explicit input scale where no fold exists,
+and a driver for one group of Linears that share an input. The model walker lives elsewhere.
+
+Follows mit-han-lab/llm-awq: s = mean|x|^alpha per input channel, alpha on a grid of 20,
+normalized by sqrt(max s * min s); W*s is quantized and x/s feeds it, so salient input channels
+get finer effective steps. Then a per-group clip search on the scaled weights. The grid is the
+suite's shared one (quantizers.primitives: min-max including 0, GPTQ convention).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from quantizers.bpw import FP_BITS
+from quantizers.primitives import QuantizedTensor, fake_quantize
+
+SCALE_BUFFER = "awq_input_scale"
+_ROW_CHUNK = 4096          # calibration rows per matmul: bounds memory on long calibration sets
+_CLIP_BUDGET = 2 ** 24     # elements of one (tokens, rows, groups) error tensor in the clip search
+
+
+def _group_width(cols: int, group_size: int) -> int:
+    """Same rule as fake_quantize: -1 or a group wider than the row means per channel."""
+    return cols if group_size == -1 or group_size >= cols else group_size
+
+
+def _output_mse(x: Tensor, weight: Tensor, weight_q: Tensor, x_q: Tensor | None = None) -> float:
+    """mean((x_q W_q^T) - (x W^T))^2; the bias cancels in the difference so it is left out.
+    x_q defaults to x; it differs when the quantized weight reads a scaled input x/s."""
+    x_q = x if x_q is None else x_q
+    total = 0.0
+    for start in range(0, x.shape[0], _ROW_CHUNK):
+        rows = slice(start, start + _ROW_CHUNK)
+        diff = x_q[rows] @ weight_q.T - x[rows] @ weight.T
+        total += diff.pow(2).sum().item()
+    return total / (x.shape[0] * weight.shape[0])
+
+
+def _candidate_scale(act_mean: Tensor, alpha: float) -> Tensor:
+    # The clamp keeps dead channels (mean |x| = 0) from producing a zero or infinite scale;
+    # the normalization centres s around 1 in log space so W*s stays in a sane range.
+    s = act_mean.pow(alpha).clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def _scaled_rtn(weight: Tensor, s: Tensor, bits: int, group_size: int, sym: bool) -> Tensor:
+    """The weight the scaled layer effectively applies to x: Q(W * s) / s."""
+    return fake_quantize(weight * s, bits, group_size, sym).dequantized / s
+
+
+@torch.no_grad()
+def search_scale(x: Tensor, linears: Sequence[nn.Linear], *, bits: int, group_size: int, sym: bool,
+                 n_grid: int = 20) -> tuple[Tensor, float, float]:
+    """Grid-search the per-input-channel AWQ scale for Linears sharing the input x (rows, in).
+
+    Returns (scales, best_alpha, best_error). The error is the sum over the group's Linears of
+    the mean squared output difference on x. Simplification vs llm-awq: the reference measures
+    the output of the whole inspected module (e.g. self-attention, the MLP); we measure the
+    group's own Linear outputs, which needs no module call and no attention inputs.
+    alpha = 0 gives s = 1 exactly (plain RTN), and ties keep the smaller alpha, so the result
+    is never worse than RTN on x."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    weights = [linear.weight.detach().float() for linear in linears]
+    act_mean = x.abs().mean(dim=0)
+    best = (torch.ones_like(act_mean), 0.0, float("inf"))
+    for k in range(n_grid):
+        alpha = k / n_grid
+        s = _candidate_scale(act_mean, alpha)
+        error = sum(_output_mse(x, w, _scaled_rtn(w, s, bits, group_size, sym)) for w in weights)
+        if error < best[2]:
+            best = (s, alpha, error)
+    return best
+
+
+def _grouped(t: Tensor, g: int) -> Tensor:
+    """(rows, cols) -> (rows, n_groups, g), zero padded; zeros add nothing to products or maxima."""
+    pad = -t.shape[1] % g
+    return nn.functional.pad(t, (0, pad)).reshape(t.shape[0], -1, g)
+
+
+def _sample_rows(x: Tensor, n: int, seed: int) -> Tensor:
+    if x.shape[0] <= n:
+        return x
+    generator = torch.Generator().manual_seed(seed)
+    return x[torch.randperm(x.shape[0], generator=generator)[:n].sort().values.to(x.device)]
+
+
+def _clip_chunk(xg: Tensor, w: Tensor, *, bits: int, g: int, sym: bool, n_grid: int,
+                n_shrink: int) -> Tensor:
+    """Best max |w| per (row, group) for a chunk of weight rows; xg is (tokens, n_groups, g)."""
+    wg = _grouped(w, g)
+    original_max = wg.abs().amax(dim=-1)
+    reference = torch.einsum("ngk,rgk->nrg", xg, wg)
+    best_max, best_err = original_max.clone(), torch.full_like(original_max, float("inf"))
+    for i in range(n_shrink):
+        # i = 0 is "no clip", so the chosen bound never does worse than no clip on a group.
+        max_val = original_max * (1 - i / n_grid)
+        clipped = apply_clip(w, max_val, g)
+        wq = _grouped(fake_quantize(clipped, bits, g, sym).dequantized, g)
+        err = (torch.einsum("ngk,rgk->nrg", xg, wq) - reference).pow(2).mean(dim=0)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_max = torch.where(better, max_val, best_max)
+    return best_max
+
+
+@torch.no_grad()
+def search_clip(x: Tensor, weight: Tensor, *, bits: int, group_size: int, sym: bool, n_grid: int = 20,
+                max_shrink: float = 0.5, n_sample_tokens: int = 512, seed: int = 0) -> Tensor:
+    """Per output channel and group, the max |w| (rows, n_groups) that minimizes that group's
+    output error x_g w_g^T on a seeded subsample of the rows of x. Candidates shrink the
+    original max by (1 - i/n_grid), i = 0..int(max_shrink * n_grid) - 1. The reference takes
+    every step-th token instead of a seeded random subset."""
+    w = weight.detach().float()
+    g = _group_width(w.shape[1], group_size)
+    xg = _grouped(_sample_rows(x.reshape(-1, x.shape[-1]).float(), n_sample_tokens, seed), g)
+    n_shrink = max(1, int(max_shrink * n_grid))
+    chunk = max(1, _CLIP_BUDGET // (xg.shape[0] * xg.shape[1]))
+    return torch.cat([_clip_chunk(xg, w[start:start + chunk], bits=bits, g=g, sym=sym,
+                                  n_grid=n_grid, n_shrink=n_shrink)
+                      for start in range(0, w.shape[0], chunk)])
+
+
+def apply_clip(weight: Tensor, max_val: Tensor, group_size: int) -> Tensor:
+    """weight clamped to [-max_val, max_val] per (row, group); a new tensor in weight's dtype.
+    Symmetric bounds also for asymmetric grids, as in the reference."""
+    g = _group_width(weight.shape[1], group_size)
+    bound = max_val.repeat_interleave(g, dim=1)[:, :weight.shape[1]].to(weight.dtype)
+    return torch.clamp(weight, -bound, bound)
+
+
+@torch.no_grad()
+def _scale_input_columns(linears: Sequence[nn.Linear], s: Tensor) -> None:
+    for linear in linears:
+        linear.weight.mul_(s.to(linear.weight.dtype))
+
+
+@torch.no_grad()
+def fold_into_norm(norm: nn.Module, linears: Sequence[nn.Linear], s: Tensor) -> None:
+    """norm gain (and bias) /= s, the Linears' input columns *= s: exact, because the norm's
+    output channel c reaches them only through column c. Valid for LayerNorm and for
+    weight * normalized(x) RMSNorms (Llama); not for (1 + weight) variants (Gemma)."""
+    norm.weight.div_(s.to(norm.weight.dtype))
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.div_(s.to(norm.bias.dtype))
+    _scale_input_columns(linears, s)
+
+
+@torch.no_grad()
+def fold_into_linear(prev: nn.Linear, linears: Sequence[nn.Linear], s: Tensor) -> None:
+    """prev's output rows (and bias) /= s, the next Linears' input columns *= s. Exact only when
+    prev's output reaches them through an op that is linear per channel: v_proj -> o_proj
+    (attention mixes tokens, never channels) and up_proj -> down_proj (act(gate) * up)."""
+    for linear in linears:
+        if not (prev.out_features == linear.in_features == s.numel()):
+            raise ValueError(f"cannot fold: prev has {prev.out_features} outputs, next Linear "
+                             f"{linear.in_features} inputs, scale {s.numel()} channels")
+    prev.weight.div_(s.to(prev.weight.dtype)[:, None])
+    if prev.bias is not None:
+        prev.bias.div_(s.to(prev.bias.dtype))
+    _scale_input_columns(linears, s)
+
+
+class ExplicitInputScale:
+    """Forward pre-hook dividing a Linear's input by its `awq_input_scale` buffer. Used where no
+    exact fold exists (fc1 -> GELU -> fc2, post-LN blocks, a projector's first Linear). The
+    scale is read at call time, so a buffer restored from a cache takes effect."""
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        return (x / getattr(module, SCALE_BUFFER).to(x.dtype),) + tuple(args[1:])
+
+
+@torch.no_grad()
+def attach_input_scale(linear: nn.Linear, s: Tensor) -> RemovableHandle:
+    """Weight columns *= s and a pre-hook dividing the input by s: the function is unchanged,
+    the quantizer sees W * s. The buffer is persistent so a cache's state_dict carries it."""
+    if hasattr(linear, SCALE_BUFFER):
+        raise ValueError("this Linear already carries an AWQ input scale")
+    linear.register_buffer(SCALE_BUFFER, s.detach().float().to(linear.weight.device).clone())
+    _scale_input_columns([linear], s)
+    return linear.register_forward_pre_hook(ExplicitInputScale())
+
+
+def input_scale_bits(linear: nn.Module) -> int:
+    """Storage of an explicit input scale: one 16-bit value per input channel (0 if none)."""
+    scale = getattr(linear, SCALE_BUFFER, None)
+    return 0 if scale is None else FP_BITS * scale.numel()
+
+
+def _check_fold(linears: Sequence[nn.Linear], originals: Sequence[Tensor], s: Tensor) -> None:
+    # A fold callback that forgets to scale the Linears would still "work" but quantize the
+    # wrong weights and break the function silently; catch that here.
+    for linear, original in zip(linears, originals):
+        if not torch.allclose(linear.weight.float(), original * s, rtol=1e-2, atol=1e-6):
+            raise RuntimeError("fold did not multiply the Linears' input columns by s")
+
+
+@torch.no_grad()
+def awq_quantize_group(x: Tensor, linears: Sequence[nn.Linear], *, bits: int, group_size: int = 128,
+                       sym: bool = False, fold: Callable[[Tensor], None] | None = None,
+                       clip: bool = True, skip_clip: Collection[nn.Linear] = (),
+                       n_grid: int = 20) -> dict:
+    """AWQ for Linears sharing the input x: search s, apply it (fold(s), or an explicit input
+    scale on each Linear when fold is None), search the clip on the scaled weights with x/s
+    (skipping skip_clip, e.g. q/k), then fake-quantize each weight in place.
+
+    Returns {"alpha", "scales", "explicit_scale", "handles", "error_rtn", "error_scaled",
+    "error_final", "quantized": [QuantizedTensor per Linear]}; errors are summed output MSEs on
+    x (error_scaled: after the scale search, before clipping)."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    originals = [linear.weight.detach().float().clone() for linear in linears]
+    error_rtn = sum(_output_mse(x, w, fake_quantize(w, bits, group_size, sym).dequantized)
+                    for w in originals)
+    s, alpha, error_scaled = search_scale(x, linears, bits=bits, group_size=group_size, sym=sym,
+                                          n_grid=n_grid)
+    # alpha = 0 means s = 1: nothing to fold, and no explicit scale to pay 16 bits/channel for.
+    scaled = alpha != 0
+    handles = []
+    if scaled and fold is not None:
+        fold(s)
+        _check_fold(linears, originals, s)
+    elif scaled:
+        handles = [attach_input_scale(linear, s) for linear in linears]
+    x_scaled = x / s
+    quantized = []
+    for linear in linears:
+        weight = linear.weight.detach().float()
+        if clip and linear not in skip_clip:
+            max_val = search_clip(x_scaled, weight, bits=bits, group_size=group_size, sym=sym)
+            weight = apply_clip(weight, max_val, group_size)
+        result = fake_quantize(weight, bits, group_size, sym)
+        linear.weight.copy_(result.dequantized)
+        quantized.append(result)
+    error_final = sum(_output_mse(x, w, q.dequantized, x_scaled) for w, q in zip(originals, quantized))
+    return {"alpha": alpha, "scales": s, "explicit_scale": bool(handles), "handles": handles,
+            "error_rtn": error_rtn, "error_scaled": error_scaled, "error_final": error_final,
+            "quantized": quantized}

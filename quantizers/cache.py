@@ -1,0 +1,255 @@
+"""Quantized-model cache: what a quantization changed, stored (safetensors, never pickle) so that
+applying it to a fresh copy of the FP model restores bit-identical weights.
+
+Files in <root>/quantized/<key[:2]>/: <key>.safetensors; <key>.sha256 (its checksum, sha256sum
+format); <key>.safetensors.lock (kept: deleting a lock file someone waits on breaks exclusion).
+Tensors: weight/<param>/{codes | codes4, scale, zero, group_index} (codes4: codes < 16 packed two
+per byte along the columns, even column in the low nibble); raw/<param>: other parameters the method
+changed; buffer/<name>: buffers it added. Metadata "vlmqb_cache": JSON {format, key, meta}.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import safetensors.torch
+import torch
+from filelock import FileLock
+from safetensors import SafetensorError
+from torch import nn
+
+# One dequantization formula for quantizers and cache alike: that is what makes restore bit-identical.
+from quantizers.primitives import dequantize, plain_group_index  # noqa: F401  (re-exported)
+
+FORMAT_VERSION = 1
+META_FIELD = "vlmqb_cache"
+# Fixed dtypes keep dequantize() the very float32 arithmetic the quantizers use.
+PART_DTYPES = {"codes": torch.uint8, "scale": torch.float32, "zero": torch.float32, "group_index": torch.int64}
+
+
+@dataclass
+class QuantizedWeight:
+    codes: torch.Tensor        # uint8 (rows, in_features)
+    scale: torch.Tensor        # float32 (rows, n_groups)
+    zero: torch.Tensor         # float32 (rows, n_groups), integer valued
+    group_index: torch.Tensor  # int64 (in_features,): column -> group (any mapping, e.g. act-order)
+
+
+@dataclass
+class QuantEntry:
+    weights: dict[str, QuantizedWeight] = field(default_factory=dict)  # by "<linear>.weight"
+    raw: dict[str, torch.Tensor] = field(default_factory=dict)          # by parameter name
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)      # by buffer name
+    meta: dict = field(default_factory=dict)                            # JSON-serializable record
+
+
+def cache_key(*parts) -> str:
+    """sha256 of canonical JSON (sorted keys, no spaces), so equal parts give equal keys anywhere.
+    Parts must be JSON values: anything else raises TypeError instead of being str()'d, whose
+    output (object addresses, reprs) would not be stable."""
+    text = json.dumps(list(parts), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 over each parameter's name, shape, dtype and raw bytes, in named_parameters() order.
+    Cost: one pass over every weight byte on one CPU core, about 1 s per GB (measured: 1.1 s for a
+    1 GiB fp32 model); parameters off the CPU are first copied to host, one at a time."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        data = param.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        digest.update(json.dumps([name, list(param.shape), str(param.dtype), data.numel()]).encode())
+        digest.update(data.numpy())  # the length in the header keeps parameter boundaries unambiguous
+    return digest.hexdigest()
+
+
+def _check_weight(name: str, w: QuantizedWeight) -> None:
+    for part, dtype in PART_DTYPES.items():
+        if getattr(w, part).dtype != dtype:
+            raise ValueError(f"{name}: {part} must be {dtype}, got {getattr(w, part).dtype}")
+    rows, n_groups = w.scale.shape if w.scale.dim() == 2 else (-1, -1)
+    if (w.codes.dim() != 2 or w.scale.shape != w.zero.shape or w.codes.shape[0] != rows
+            or w.group_index.shape != (w.codes.shape[1],)):
+        raise ValueError(f"{name}: inconsistent shapes: codes {tuple(w.codes.shape)}, scale "
+                         f"{tuple(w.scale.shape)}, zero {tuple(w.zero.shape)}, group_index {tuple(w.group_index.shape)}")
+    if w.group_index.numel() and not 0 <= int(w.group_index.min()) <= int(w.group_index.max()) < n_groups:
+        raise ValueError(f"{name}: group_index outside [0, {n_groups})")
+
+
+def _pack4(codes: torch.Tensor) -> torch.Tensor:
+    if codes.shape[1] % 2:  # pad an odd width with a zero column, dropped again on unpacking
+        codes = torch.cat([codes, codes.new_zeros(codes.shape[0], 1)], dim=1)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def _unpack4(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    pairs = torch.stack([packed & 15, packed >> 4], dim=-1)
+    return pairs.reshape(packed.shape[0], -1)[:, :cols].contiguous()
+
+
+def _encode(entry: QuantEntry) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for name, w in entry.weights.items():
+        _check_weight(name, w)
+        if w.codes.numel() == 0 or int(w.codes.max()) < 16:  # fits 4 bits: half the bytes
+            tensors[f"weight/{name}/codes4"] = _pack4(w.codes)
+        else:
+            tensors[f"weight/{name}/codes"] = w.codes
+        tensors.update({f"weight/{name}/{part}": getattr(w, part) for part in ("scale", "zero", "group_index")})
+    tensors.update({f"raw/{name}": t for name, t in entry.raw.items()})
+    tensors.update({f"buffer/{name}": t for name, t in entry.buffers.items()})
+    # Own contiguous CPU copies: safetensors refuses views and tensors sharing storage (tied weights).
+    return {k: t.detach().cpu().clone(memory_format=torch.contiguous_format) for k, t in tensors.items()}
+
+
+def _decode(tensors: dict[str, torch.Tensor], meta: dict) -> QuantEntry:
+    entry, parts = QuantEntry(meta=meta), {}
+    for key, tensor in tensors.items():
+        kind, _, rest = key.partition("/")
+        if kind == "weight":
+            name, _, part = rest.rpartition("/")
+            parts.setdefault(name, {})[part] = tensor
+        elif kind in ("raw", "buffer"):
+            (entry.raw if kind == "raw" else entry.buffers)[rest] = tensor
+        else:
+            raise ValueError(f"unknown tensor {key!r}")
+    for name, p in parts.items():
+        codes = _unpack4(p["codes4"], p["group_index"].numel()) if "codes4" in p else p["codes"]
+        entry.weights[name] = QuantizedWeight(codes, p["scale"], p["zero"], p["group_index"])
+        _check_weight(name, entry.weights[name])
+    return entry
+
+
+def _write_temp(target: Path, data: bytes) -> Path:
+    """A fully written, fsynced temp file beside target (same file system: os.replace is atomic)."""
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(name, 0o644)  # mkstemp makes 0600; a shared cache must be readable by others
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    return Path(name)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the renames themselves durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class QuantCache:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._locks: dict[Path, FileLock] = {}
+
+    def path(self, key: str) -> Path:
+        if not re.fullmatch(r"[0-9a-f]{64}", key):  # keys become file names: only cache_key() output
+            raise ValueError(f"not a cache key (64 lowercase hex digits): {key!r}")
+        return self.root / "quantized" / key[:2] / f"{key}.safetensors"
+
+    def sidecar(self, key: str) -> Path:
+        return self.path(key).with_suffix(".sha256")
+
+    def _lock(self, key: str) -> FileLock:
+        """One FileLock object per entry, re-entered by load/save inside get_or_build (a second
+        object on the same file would deadlock: flock excludes other descriptors of this process)."""
+        path = self.path(key)
+        if path not in self._locks:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._locks[path] = FileLock(f"{path}.lock")  # waits as long as a build takes
+        return self._locks[path]
+
+    def load(self, key: str) -> QuantEntry | None:
+        """The entry, or None on a miss. An entry that fails verification is warned about, deleted
+        and reported as a miss: it is never used, and the next get_or_build rebuilds it."""
+        path = self.path(key)
+        with self._lock(key):  # a reader never sees a save half-way between its two renames
+            if not path.exists():
+                return None
+            try:
+                return self._read(key, path)
+            except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+                warnings.warn(f"quantized-model cache: discarding {path}: {error}", stacklevel=2)
+                for file in (path, self.sidecar(key)):
+                    file.unlink(missing_ok=True)
+                return None
+
+    def _read(self, key: str, path: Path) -> QuantEntry:
+        sidecar = self.sidecar(key)  # a missing one raises FileNotFoundError: rejected like a mismatch
+        data = path.read_bytes()  # hashed and parsed from one read, so both see the same bytes
+        if hashlib.sha256(data).hexdigest() != sidecar.read_text().partition(" ")[0]:
+            raise ValueError("checksum mismatch (corrupt or partly written file)")
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])  # u64 length, JSON header
+        record = json.loads(header["__metadata__"][META_FIELD])
+        if not isinstance(record, dict) or record.get("format") != FORMAT_VERSION or record.get("key") != key:
+            raise ValueError(f"metadata is not format {FORMAT_VERSION} for this key")
+        return _decode(safetensors.torch.load(data), record["meta"])
+
+    def save(self, key: str, entry: QuantEntry) -> None:
+        """Both files go to fsynced temp files first; then the data replaces, and the sidecar last.
+        A crash at any point leaves the old entry, or data whose sidecar is missing or stale, which
+        load() rejects: never an entry that verifies but is incomplete."""
+        record = json.dumps({"format": FORMAT_VERSION, "key": key, "meta": entry.meta})
+        data = safetensors.torch.save(_encode(entry), {META_FIELD: record})
+        path, sidecar = self.path(key), self.sidecar(key)
+        with self._lock(key):
+            temps = [_write_temp(path, data)]
+            try:
+                temps.append(_write_temp(sidecar, f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode()))
+                os.replace(temps[0], path)
+                os.replace(temps[1], sidecar)
+                _fsync_dir(path.parent)
+            finally:
+                for temp in temps:  # already renamed away on success
+                    temp.unlink(missing_ok=True)
+
+    def get_or_build(self, key: str, build: Callable[[], QuantEntry]) -> tuple[QuantEntry, bool]:
+        """(entry, built). Under the entry's lock: load, or build and save. A process asking for the
+        same key meanwhile waits on the lock and then loads, so each entry is built once."""
+        with self._lock(key):
+            entry = self.load(key)
+            if entry is not None:
+                return entry, False
+            entry = build()
+            self.save(key, entry)
+        # Hand back meta as a later load returns it (JSON turns tuples into lists), like the waiters.
+        return replace(entry, meta=json.loads(json.dumps(entry.meta))), True
+
+
+def _resolve(params: dict[str, nn.Parameter], name: str, shape, dtype=None) -> nn.Parameter:
+    if name not in params:
+        raise KeyError(f"cache entry names {name!r}, which is not a parameter of the model")
+    param = params[name]
+    if tuple(param.shape) != tuple(shape):
+        raise ValueError(f"{name}: entry shape {tuple(shape)} != model shape {tuple(param.shape)}")
+    if dtype is not None and param.dtype != dtype:  # a silent cast would break bit-identity
+        raise ValueError(f"{name}: entry dtype {dtype} != model dtype {param.dtype}")
+    return param
+
+
+@torch.no_grad()
+def apply_entry(model: nn.Module, entry: QuantEntry) -> None:
+    """Write dequantized weights and raw parameters into model by name. Every name and shape is
+    checked before anything is written, so a mismatched entry leaves the model untouched."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    weights = {name: _resolve(params, name, w.codes.shape) for name, w in entry.weights.items()}
+    raws = {name: _resolve(params, name, t.shape, t.dtype) for name, t in entry.raw.items()}
+    for name, param in weights.items():
+        w = entry.weights[name]
+        param.copy_(dequantize(w.codes, w.scale, w.zero, w.group_index, param.dtype))
+    for name, param in raws.items():
+        param.copy_(entry.raw[name])

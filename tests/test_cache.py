@@ -1,0 +1,196 @@
+"""Quantized-model cache: bit-identical restore, rejection of damaged entries, one build across
+processes, stable keys and fingerprints."""
+import copy
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+
+from quantizers.cache import (QuantCache, QuantEntry, QuantizedWeight, apply_entry, cache_key, dequantize,
+                              model_fingerprint, plain_group_index)
+from quantizers.primitives import fake_quantize
+
+KEY = cache_key("model", {"method": "rtn", "bits": 3, "group_size": 16}, None, "v1")
+META = {"layers": [{"name": "0", "bits": 3, "numel": 2048}], "bpw": {"model": 4.25}, "seconds": 0.5,
+        "method": {"name": "rtn", "sym": False}}
+
+
+def make_model(dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 32), nn.LayerNorm(32), nn.Linear(32, 8)).to(dtype)
+
+
+@torch.no_grad()
+def quantize_in_place(model: nn.Module) -> QuantEntry:
+    """What a quantizer does: RTN 3-bit group 16 written back, a scale folded into the LayerNorm
+    (as AWQ does), an input-scale buffer; returns the entry that records it."""
+    entry = QuantEntry(meta=copy.deepcopy(META))
+    for name in ("0", "2"):
+        weight = model.get_submodule(name).weight
+        q = fake_quantize(weight, bits=3, group_size=16)
+        weight.copy_(q.dequantized)
+        entry.weights[f"{name}.weight"] = QuantizedWeight(q.codes, q.scale, q.zero,
+                                                          plain_group_index(weight.shape[1], 16))
+    model[1].weight.mul_(torch.linspace(0.5, 2.0, 32, dtype=model[1].weight.dtype))
+    entry.raw["1.weight"] = model[1].weight.clone()
+    entry.buffers["0.awq_input_scale"] = torch.linspace(1.0, 3.0, 64)
+    return entry
+
+
+def saved(tmp_path: Path) -> tuple[QuantCache, QuantEntry]:
+    cache = QuantCache(tmp_path)
+    entry = quantize_in_place(make_model())
+    cache.save(KEY, entry)
+    return cache, entry
+
+
+def entry_digest(entry: QuantEntry) -> str:
+    """A digest of every tensor and the meta, to compare entries across processes."""
+    digest = hashlib.sha256(json.dumps(entry.meta, sort_keys=True).encode())
+    tensors = {f"b/{k}": v for k, v in entry.buffers.items()} | {f"r/{k}": v for k, v in entry.raw.items()}
+    for name, w in entry.weights.items():
+        tensors.update({f"w/{name}/{part}": getattr(w, part) for part in ("codes", "scale", "zero", "group_index")})
+    for name in sorted(tensors):
+        digest.update(name.encode() + str(tensors[name].dtype).encode() + tensors[name].numpy().tobytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_round_trip_restores_bit_identical_weights(tmp_path, dtype):
+    original = make_model(dtype)
+    quantized, fresh = copy.deepcopy(original), copy.deepcopy(original)
+    entry = quantize_in_place(quantized)
+    cache = QuantCache(tmp_path)
+    cache.save(KEY, entry)
+    path = tmp_path / "quantized" / KEY[:2] / f"{KEY}.safetensors"
+    assert cache.path(KEY) == path
+    assert cache.sidecar(KEY).read_text() == f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.name}\n"
+    loaded = cache.load(KEY)
+    apply_entry(fresh, loaded)
+    for (name, restored), (_, expected), (_, before) in zip(fresh.named_parameters(), quantized.named_parameters(),
+                                                            original.named_parameters()):
+        assert restored.dtype == dtype and torch.equal(restored, expected), name
+        assert name.endswith("bias") or not torch.equal(restored, before), name  # it did change
+    assert loaded.meta == META
+    assert torch.equal(loaded.buffers["0.awq_input_scale"], entry.buffers["0.awq_input_scale"])
+    assert all(torch.equal(loaded.weights[n].codes, w.codes) for n, w in entry.weights.items())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_codes_survive_packing_with_an_odd_width_and_any_group_mapping(tmp_path, bits):
+    codes = torch.randint(0, 2 ** bits, (5, 33), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    group_index = torch.randperm(33, generator=torch.Generator().manual_seed(2)) % 3  # act-order style
+    weight = QuantizedWeight(codes, torch.rand(5, 3) + 0.1, torch.randint(0, 2 ** bits, (5, 3)).float(), group_index)
+    cache = QuantCache(tmp_path)
+    cache.save(KEY, QuantEntry(weights={"w": weight}))
+    names = safetensors.torch.load(cache.path(KEY).read_bytes()).keys()
+    assert ("weight/w/codes4" in names) == (bits <= 4)
+    loaded = cache.load(KEY).weights["w"]
+    assert torch.equal(loaded.codes, codes) and torch.equal(loaded.group_index, group_index)
+    expected = torch.stack([weight.scale[:, g] * (codes[:, j].float() - weight.zero[:, g])
+                            for j, g in enumerate(group_index.tolist())], dim=1)
+    assert torch.equal(dequantize(loaded.codes, loaded.scale, loaded.zero, loaded.group_index, torch.float32), expected)
+
+
+def flip_middle(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4] = bytes(b ^ 0xFF for b in data[middle:middle + 4])
+    path.write_bytes(bytes(data))
+
+
+def bad_metadata(path: Path) -> None:
+    """A file whose checksum verifies but whose metadata is not JSON."""
+    data = safetensors.torch.save({"raw/x": torch.zeros(2)}, {"vlmqb_cache": "{not json"})
+    path.write_bytes(data)
+    path.with_suffix(".sha256").write_text(f"{hashlib.sha256(data).hexdigest()}  {path.name}\n")
+
+
+DAMAGE = {"corrupt": flip_middle,
+          "truncated": lambda path: path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2]),
+          "no_sidecar": lambda path: path.with_suffix(".sha256").unlink(),
+          "bad_metadata": bad_metadata}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_entry_is_discarded_and_rebuilt_once(tmp_path, damage):
+    cache, entry = saved(tmp_path)
+    path = cache.path(KEY)
+    DAMAGE[damage](path)
+    with pytest.warns(UserWarning, match=path.name):
+        assert cache.load(KEY) is None
+    assert not path.exists() and not cache.sidecar(KEY).exists()
+    calls = []
+    rebuilt, built = cache.get_or_build(KEY, lambda: calls.append(1) or quantize_in_place(make_model()))
+    assert built and calls == [1]
+    assert entry_digest(cache.load(KEY)) == entry_digest(rebuilt) == entry_digest(entry)
+    assert cache.get_or_build(KEY, lambda: calls.append(1))[1] is False and calls == [1]
+
+
+def _build_in_child(root: str, counter: str, barrier, results) -> None:
+    def build() -> QuantEntry:
+        time.sleep(1.0)  # long enough that the other process reaches the lock meanwhile
+        with open(counter, "a") as file:
+            file.write(f"{os.getpid()}\n")
+        return quantize_in_place(make_model())
+    barrier.wait()  # both processes call get_or_build at the same moment
+    entry, built = QuantCache(Path(root)).get_or_build(KEY, build)
+    results.put((built, entry_digest(entry)))
+
+
+def test_concurrent_processes_build_once(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(2), context.Queue()
+    counter = tmp_path / "builds.txt"
+    workers = [context.Process(target=_build_in_child, args=(str(tmp_path), str(counter), barrier, results))
+               for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    outcomes = [results.get(timeout=120) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    assert len(counter.read_text().splitlines()) == 1
+    assert sorted(built for built, _ in outcomes) == [False, True]
+    assert outcomes[0][1] == outcomes[1][1]
+
+
+def test_cache_key_is_stable_and_covers_every_part():
+    parts = ["fingerprint", {"bits": 3, "group_size": 16}, {"dataset": "coco", "n": 128}, "v1"]
+    key = cache_key(*parts)
+    assert key == cache_key(*parts) == cache_key("fingerprint", {"group_size": 16, "bits": 3},
+                                                 {"n": 128, "dataset": "coco"}, "v1")  # key order is irrelevant
+    assert key == hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    changed = ["fingerprint2", {"bits": 4, "group_size": 16}, {"dataset": "coco", "n": 64}, "v2"]
+    for i, part in enumerate(changed):
+        assert cache_key(*parts[:i], part, *parts[i + 1:]) != key, i
+    with pytest.raises(TypeError):
+        cache_key(object())  # no str() fallback: its output would not be stable
+
+
+def test_model_fingerprint_changes_with_one_element():
+    model = make_model()
+    fingerprint = model_fingerprint(model)
+    assert fingerprint == model_fingerprint(copy.deepcopy(model)) == model_fingerprint(make_model())
+    with torch.no_grad():
+        model[2].weight[3, 5] = torch.nextafter(model[2].weight[3, 5], torch.tensor(float("inf")))  # one ulp
+    assert model_fingerprint(model) != fingerprint
+    assert model_fingerprint(make_model(torch.bfloat16)) != fingerprint
+
+
+def test_apply_entry_rejects_a_mismatched_entry_without_touching_the_model(tmp_path):
+    _, entry = saved(tmp_path)
+    model = make_model()
+    before = model_fingerprint(model)
+    with pytest.raises(KeyError, match="9.weight"):
+        apply_entry(model, QuantEntry(weights=entry.weights, raw={"9.weight": torch.ones(32)}))
+    with pytest.raises(ValueError, match="1.weight"):
+        apply_entry(model, QuantEntry(weights=entry.weights, raw={"1.weight": torch.ones(16)}))
+    assert model_fingerprint(model) == before
