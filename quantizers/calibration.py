@@ -35,13 +35,10 @@ class Block:
 
 def blocks_of(adapter, component: str, targets: list[Target]) -> list[Block]:
     prefix = adapter.components[component]
-    relative, modules = block_stack(component, adapter.model.get_submodule(prefix))
+    relative, modules = block_stack(adapter.model.get_submodule(prefix))
     blocks = []
     for index, module in enumerate(modules):
-        if relative:
-            name = f"{prefix}.{relative}.{index}"
-        else:
-            name = prefix
+        name = f"{prefix}.{relative}.{index}" if relative else prefix
         mine = [t for t in targets if t.name == name or t.name.startswith(name + ".")]
         blocks.append(Block(component, name, module, mine))
     return blocks
@@ -89,7 +86,7 @@ def walk(adapter, targets: list[Target], batches: list[dict],
     results = []
     order = [c for c in adapter.components if any(t.component == c for t in targets)]
     for component in order:
-        blocks = [b for b in blocks_of(adapter, component, targets)]
+        blocks = blocks_of(adapter, component, targets)
         inputs = catch_inputs(adapter.model, blocks[0].module, batches)
         last = max(i for i, b in enumerate(blocks) if b.targets)
         bar = tqdm(blocks[:last + 1], desc=f"calibrate {component}", unit="block",

@@ -25,7 +25,7 @@ class Target:
     bits: int
 
 
-def block_stack(component_name: str, component: nn.Module) -> tuple[str, list[nn.Module]]:
+def block_stack(component: nn.Module) -> tuple[str, list[nn.Module]]:
     """The longest nn.ModuleList inside a component (its transformer layers), as
     (relative prefix, blocks); the whole component when it has none."""
     best: tuple[str, nn.ModuleList] | None = None
@@ -48,7 +48,7 @@ def select_targets(adapter, config: QuantConfig) -> list[Target]:
     for component, bits in config.w_bits:
         prefix = components[component]
         root = adapter.model.get_submodule(prefix)
-        stack, blocks = block_stack(component, root)
+        stack, blocks = block_stack(root)
         chosen = layer_filter(config.layers, len(blocks)) if stack else None
         for sub_name, module in root.named_modules():
             name = f"{prefix}.{sub_name}" if sub_name else prefix

@@ -61,3 +61,28 @@ def test_not_yaml_and_missing_file(tmp_path):
         load_grid(write(tmp_path, "models: [unclosed"))
     with pytest.raises(GridError, match="grid file not found"):
         load_grid(tmp_path / "nope.yaml")
+
+
+def test_expand_makes_the_product_and_skips_components_a_family_lacks(tmp_path):
+    grid = load_grid(write(tmp_path, GOOD.replace("  - {name: fp16, method: fp}", """  - {name: fp16, method: fp}
+  - name: "{method}-w{bits}-{components}-{layers}"
+    expand:
+      method: [rtn, gptq]
+      bits: [2, 4]
+      components: [vision, qformer, [vision, language], all]
+      layers: [first, all]""")))
+    ids = [c.id for c in grid.cases]
+    # 2 methods x 2 bits x 3 applicable component sets x 2 layer groups (qformer: not LLaVA)
+    assert len(ids) == 2 + 24 and not any("qformer" in i for i in ids)
+    case = next(c for c in grid.cases if c.id == "m-gptq-w2-all-first")
+    assert case.config.bits == {"vision": 2, "connector": 2, "language": 2}
+    assert case.config.layers == "first" and {"w2", "gptq", "connector"} <= set(case.mark_names)
+
+
+def test_expand_and_component_errors_are_named(tmp_path):
+    with pytest.raises(GridError, match=r"configs\[1\].bits: unknown component\(s\) langauge"):
+        load_grid(write(tmp_path, GOOD.replace("language: 4", "langauge: 4")))
+    bad = GOOD.replace("  - {name: fp16, method: fp}", """  - {name: fp16, method: fp}
+  - {name: "x-{bits}", expand: {bits: 4}}""")
+    with pytest.raises(GridError, match=r"configs\[1\].expand.bits: must be a non-empty list"):
+        load_grid(write(tmp_path, bad))

@@ -20,7 +20,8 @@ def collected(*args):
 
 
 def test_w4_selects_exactly_the_four_bit_parameters():
-    assert collected("-m", "w4") == ["llava-tiny-rtn-w4-all", "llava-tiny-rtn-w4-language",
+    assert collected("-m", "w4") == ["llava-tiny-awq-w4-all", "llava-tiny-gptq-w4-all",
+                                     "llava-tiny-rtn-w4-all", "llava-tiny-rtn-w4-language",
                                      "llava-tiny-rtn-w4-vision", "llava-tiny-rtn-w4g32-all"]
 
 
