@@ -6,7 +6,6 @@ import json
 import os
 import re
 import subprocess
-import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from fixtures.adapters.base import ModelMissing  # noqa: E402
-from fixtures.bench import Bench, CaseResult, check_expectation, result_rows  # noqa: E402
+from fixtures.bench import Bench, CaseResult, result_rows  # noqa: E402
 from fixtures.grid import GridError, load_grid  # noqa: E402
 from reports.csv_log import PartWriter, merge_parts, read_rows  # noqa: E402
 from reports.summary import format_summary  # noqa: E402
@@ -122,7 +121,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                            + [pytest.mark.xdist_group(case.group)])
               for case in cases]
     if not params:
-        params = [pytest.param(None, marks=pytest.mark.skip(reason=f"the grid has no case for {task}"))]
+        params = [pytest.param(None, id="no-case", marks=pytest.mark.skip(reason=f"the grid has no case for {task}"))]
     metafunc.parametrize("case", params)
 
 

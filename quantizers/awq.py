@@ -9,14 +9,14 @@ suite's shared one (quantizers.primitives: min-max including 0, GPTQ convention)
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from quantizers.bpw import FP_BITS
-from quantizers.primitives import QuantizedTensor, fake_quantize
+from quantizers.primitives import fake_quantize
 
 SCALE_BUFFER = "awq_input_scale"
 _ROW_CHUNK = 4096          # calibration rows per matmul: bounds memory on long calibration sets
@@ -190,53 +190,3 @@ def input_scale_bits(linear: nn.Module) -> int:
     """Storage of an explicit input scale: one 16-bit value per input channel (0 if none)."""
     scale = getattr(linear, SCALE_BUFFER, None)
     return 0 if scale is None else FP_BITS * scale.numel()
-
-
-def _check_fold(linears: Sequence[nn.Linear], originals: Sequence[Tensor], s: Tensor) -> None:
-    # A fold callback that forgets to scale the Linears would still "work" but quantize the
-    # wrong weights and break the function silently; catch that here.
-    for linear, original in zip(linears, originals):
-        if not torch.allclose(linear.weight.float(), original * s, rtol=1e-2, atol=1e-6):
-            raise RuntimeError("fold did not multiply the Linears' input columns by s")
-
-
-@torch.no_grad()
-def awq_quantize_group(x: Tensor, linears: Sequence[nn.Linear], *, bits: int, group_size: int = 128,
-                       sym: bool = False, fold: Callable[[Tensor], None] | None = None,
-                       clip: bool = True, skip_clip: Collection[nn.Linear] = (),
-                       n_grid: int = 20) -> dict:
-    """AWQ for Linears sharing the input x: search s, apply it (fold(s), or an explicit input
-    scale on each Linear when fold is None), search the clip on the scaled weights with x/s
-    (skipping skip_clip, e.g. q/k), then fake-quantize each weight in place.
-
-    Returns {"alpha", "scales", "explicit_scale", "handles", "error_rtn", "error_scaled",
-    "error_final", "quantized": [QuantizedTensor per Linear]}; errors are summed output MSEs on
-    x (error_scaled: after the scale search, before clipping)."""
-    x = x.reshape(-1, x.shape[-1]).float()
-    originals = [linear.weight.detach().float().clone() for linear in linears]
-    error_rtn = sum(_output_mse(x, w, fake_quantize(w, bits, group_size, sym).dequantized)
-                    for w in originals)
-    s, alpha, error_scaled = search_scale(x, linears, bits=bits, group_size=group_size, sym=sym,
-                                          n_grid=n_grid)
-    # alpha = 0 means s = 1: nothing to fold, and no explicit scale to pay 16 bits/channel for.
-    scaled = alpha != 0
-    handles = []
-    if scaled and fold is not None:
-        fold(s)
-        _check_fold(linears, originals, s)
-    elif scaled:
-        handles = [attach_input_scale(linear, s) for linear in linears]
-    x_scaled = x / s
-    quantized = []
-    for linear in linears:
-        weight = linear.weight.detach().float()
-        if clip and linear not in skip_clip:
-            max_val = search_clip(x_scaled, weight, bits=bits, group_size=group_size, sym=sym)
-            weight = apply_clip(weight, max_val, group_size)
-        result = fake_quantize(weight, bits, group_size, sym)
-        linear.weight.copy_(result.dequantized)
-        quantized.append(result)
-    error_final = sum(_output_mse(x, w, q.dequantized, x_scaled) for w, q in zip(originals, quantized))
-    return {"alpha": alpha, "scales": s, "explicit_scale": bool(handles), "handles": handles,
-            "error_rtn": error_rtn, "error_scaled": error_scaled, "error_final": error_final,
-            "quantized": quantized}

@@ -13,7 +13,7 @@ from quantizers.calibration import Block
 from quantizers.config import QuantConfig
 from quantizers.folds import norm_linear_pairs
 from quantizers.gptq import HessianAccumulator, gptq_quantize_full
-from quantizers.primitives import QuantizedTensor, fake_quantize, plain_group_index
+from quantizers.primitives import QuantizedTensor, fake_quantize
 from quantizers.targets import Target
 
 # Rows of calibration activations kept per Linear for AWQ's searches (a seeded subsample).
@@ -118,6 +118,8 @@ def awq_block(block: Block, feed, config: QuantConfig, seed: int = 0) -> BlockOu
         linears = [t.module for t in members]
         s, alpha, _ = awq.search_scale(x, linears, bits=members[0].bits, group_size=group_size,
                                        sym=config.sym, n_grid=n_grid)
+        if alpha == 0:   # s = 1: nothing to fold, and no explicit scale to pay 16 bits/channel for
+            continue
         if fold_target is not None:
             fold = awq.fold_into_linear if isinstance(fold_target, nn.Linear) else awq.fold_into_norm
             fold(fold_target, linears, s)
@@ -147,5 +149,3 @@ def awq_block(block: Block, feed, config: QuantConfig, seed: int = 0) -> BlockOu
                                       extra_bits=awq.input_scale_bits(target.module)))
     return out
 
-
-__all__ = ["BlockOutput", "awq_block", "gptq_block", "plain_group_index"]

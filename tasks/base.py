@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
+
+from PIL import Image, UnidentifiedImageError
 
 
 class DataError(Exception):
@@ -51,3 +53,32 @@ def require(record: dict, keys: Sequence[str], where: str) -> None:
 def batched(items: Sequence, size: int) -> Iterator[Sequence]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+def open_image(path: Path) -> Callable[[], Image.Image]:
+    """A lazy RGB loader: images are read when a batch needs them, and a bad one is one error."""
+    def load() -> Image.Image:
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except FileNotFoundError:
+            raise DataMissing(f"image not found: {path}") from None
+        except (UnidentifiedImageError, OSError) as err:
+            raise DataError(f"{path}: unreadable image ({err})") from None
+    return load
+
+
+def load_hf_rows(dataset: str, split: str, revision: str | None = None, config: str | None = None):
+    """Rows of an HF dataset from a hub id (the local HF cache: the suite runs offline) or a local
+    .parquet/.arrow file; anything unavailable is DataMissing naming it."""
+    import datasets  # imported here: slow to import and only needed for this source
+
+    path = Path(dataset)
+    try:
+        if path.suffix in (".parquet", ".arrow"):
+            if not path.is_file():
+                raise DataMissing(f"file not found: {path}")
+            return datasets.load_dataset(path.suffix[1:], data_files={split: str(path)}, split=split)
+        return datasets.load_dataset(dataset, config, split=split, revision=revision)
+    except (FileNotFoundError, ConnectionError) as err:
+        raise DataMissing(f"dataset {dataset!r} (split {split}) not available offline: {err}") from None

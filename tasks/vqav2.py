@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
-from tasks.base import DataError, DataMissing, TaskResult, batched, read_json, require
+from tasks.base import DataError, TaskResult, batched, load_hf_rows, open_image, read_json, require
 from tasks.vqa_eval import vqa_accuracy
 
 NAME = "vqav2"
@@ -39,21 +39,13 @@ class VQASample:
         return self._load()
 
 
-def _open_image(path: Path) -> Callable[[], Image.Image]:
-    def load() -> Image.Image:
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB")
-        except FileNotFoundError:
-            raise DataMissing(f"image not found: {path}") from None
-        except (UnidentifiedImageError, OSError) as err:
-            raise DataError(f"{path}: unreadable image ({err})") from None
-    return load
+SUBSETS = {"train": "train2014", "val": "val2014", "test": "test2015"}
 
 
 def load_official(root: Path, subset: str) -> list[VQASample]:
-    """Read the official question + annotation files of one subset (e.g. val2014)."""
+    """Read the official question + annotation files of one split (train, val) or subset (val2014)."""
     root = Path(root)
+    subset = SUBSETS.get(subset, subset)
     q_path = root / f"v2_OpenEnded_mscoco_{subset}_questions.json"
     a_path = root / f"v2_mscoco_{subset}_annotations.json"
     questions = read_json(q_path)
@@ -75,24 +67,14 @@ def load_official(root: Path, subset: str) -> list[VQASample]:
             question_id=q["question_id"], image_id=q["image_id"], question=q["question"],
             answers=[a["answer"] for a in ann["answers"]], answer_type=ann.get("answer_type", ""),
             multiple_choice_answer=ann["multiple_choice_answer"], image_source=str(image),
-            _load=_open_image(image)))
+            _load=open_image(image)))
     return samples
 
 
 def load_hf(dataset: str, split: str, revision: str | None = None) -> list[VQASample]:
     """Rows with the lmms-lab/VQAv2 schema, from a hub id or a local parquet/arrow file."""
-    import datasets  # imported here: slow to import and only needed for this source
-
-    path = Path(dataset)
-    try:
-        if path.suffix in (".parquet", ".arrow"):
-            if not path.is_file():
-                raise DataMissing(f"file not found: {path}")
-            rows = datasets.load_dataset(path.suffix[1:], data_files={split: str(path)}, split=split)
-        else:
-            rows = datasets.load_dataset(dataset, split=split, revision=revision)
-    except (FileNotFoundError, ConnectionError) as err:
-        raise DataMissing(f"dataset {dataset!r} (split {split}) not available offline: {err}") from None
+    split = {"val": "validation"}.get(split, split)   # the hub schema's split names
+    rows = load_hf_rows(dataset, split, revision)
     samples = []
     for i, row in enumerate(rows):
         require(row, ["question_id", "question", "answers", "image"], f"{dataset}[{i}]")

@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures.adapters import load_adapter
 from fixtures.bench import Bench
 from fixtures.grid import CalibrationSpec, Case, ModelSpec, TaskSpec
 from fixtures.world.generate import DEFAULT_SEED, generate_world

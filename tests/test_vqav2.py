@@ -8,7 +8,7 @@ import torch
 from fixtures.adapters import load_adapter
 from fixtures.world.generate import generate_world
 from tasks import vqav2
-from tasks.base import DataError, DataMissing
+from tasks.base import DataError, DataMissing, open_image
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,7 +57,7 @@ def test_unreadable_image_is_a_data_error(world, tmp_path):
     sample = vqav2.load_official(world / "vqav2", "val2014")[0]
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")
-    sample._load = vqav2._open_image(broken)
+    sample._load = open_image(broken)
     with pytest.raises(DataError, match="broken.jpg: unreadable image"):
         sample.image()
 

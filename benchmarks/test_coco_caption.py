@@ -1,0 +1,8 @@
+"""COCO captioning over every (model, quant config) of the grid: pycocoevalcap scores, CIDEr primary."""
+from fixtures.bench import check_expectation
+
+TASK = "coco_caption"
+
+
+def test_coco_caption(case, outcome):
+    check_expectation(outcome)

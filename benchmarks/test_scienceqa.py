@@ -1,0 +1,8 @@
+"""ScienceQA (IMG) over every (model, quant config) of the grid: option-letter accuracy."""
+from fixtures.bench import check_expectation
+
+TASK = "scienceqa"
+
+
+def test_scienceqa(case, outcome):
+    check_expectation(outcome)
