@@ -1,0 +1,8 @@
+"""The language model alone, through lm-eval: perplexity on held-out text (lower is better)."""
+from fixtures.bench import check_expectation
+
+TASK = "text_ppl"
+
+
+def test_text_ppl(case, outcome):
+    check_expectation(outcome)
