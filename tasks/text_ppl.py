@@ -19,15 +19,16 @@ from tasks.base import DataError, DataMissing, TaskResult
 NAME = "text_ppl"
 PRIMARY_METRIC = "word_perplexity"
 LM_EVAL_TASK = "vqb_text_ppl"
-_TASK_YAML = f"""task: {LM_EVAL_TASK}
+# A plain template (filled with str.replace): lm-eval's own {{text}} must reach it unescaped.
+_TASK_YAML = """task: LM_EVAL_TASK
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {{data}}
+    test: DATA_FILE
 test_split: test
 output_type: loglikelihood_rolling
 doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
+doc_to_target: "{{text}}"
 metric_list:
   - metric: word_perplexity
   - metric: byte_perplexity
@@ -64,9 +65,12 @@ def evaluate(adapter: Any, texts: list[str], batch_size: int = 32, progress: boo
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "text.jsonl"
         data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-        (Path(tmp) / f"{LM_EVAL_TASK}.yaml").write_text(_TASK_YAML.format(data=data))
+        (Path(tmp) / f"{LM_EVAL_TASK}.yaml").write_text(
+            _TASK_YAML.replace("LM_EVAL_TASK", LM_EVAL_TASK).replace("DATA_FILE", str(data)))
+        # lm-eval puts its own prefix token (BOS) before each rolling window; a tokenizer that
+        # also adds one would score every text after a doubled BOS.
         lm = HFLM(pretrained=adapter.causal_lm(), tokenizer=adapter.processor.tokenizer,
-                  batch_size=batch_size)
+                  batch_size=batch_size, add_bos_token=False)
         output = simple_evaluate(model=lm, tasks=[LM_EVAL_TASK], task_manager=TaskManager(include_path=tmp),
                                  log_samples=False, verbosity="ERROR")
     scores = output["results"][LM_EVAL_TASK]

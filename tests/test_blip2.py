@@ -12,7 +12,7 @@ from fixtures.adapters.blip2 import Blip2Adapter, Blip2RetrievalAdapter
 from fixtures.tiny.blip2_tiny import (TinyBlip2Size, build_generative, build_processor, build_retrieval,
                                       build_tokenizer, parameter_count, vocabulary)
 from fixtures.tiny.outliers import OutlierSpec, add_weight_outliers
-from fixtures.tiny.train_blip2 import encode_lm, plant_outliers
+from fixtures.tiny.train_blip2 import encode_lm, init_from_retrieval, plant_outliers
 from fixtures.world.scenes import COLORS, POSITIONS, SHAPES, SIZES, render, sample_scene
 from quantizers.folds import norm_linear_pairs
 
@@ -128,6 +128,19 @@ def test_training_layout_matches_the_processor(generative, images):
         labelled = examples.labels[row][examples.labels[row] != -100].tolist()
         tokenizer = generative.processor.tokenizer
         assert tokenizer.convert_ids_to_tokens(labelled) == tokenizer.tokenize(f" {t}") + [eos]
+
+
+def test_generative_starts_from_the_retrieval_qformer(generative, retrieval, images):
+    """BLIP-2's stage 2 starts from the stage-1 Q-Former: after the copy, the generative model's
+    query outputs are the retrieval model's."""
+    init_from_retrieval(generative.model, retrieval.model)
+    pixels = retrieval.pixels(images)
+    with torch.no_grad():
+        def queries(model):
+            image = model.vision_model(pixel_values=pixels).last_hidden_state
+            return model.qformer(query_embeds=model.query_tokens.expand(len(pixels), -1, -1),
+                                 encoder_hidden_states=image).last_hidden_state
+        assert torch.equal(queries(generative.model), queries(retrieval.model))
 
 
 # -- retrieval adapter ----------------------------------------------------------------------------

@@ -16,27 +16,31 @@ def pytest_run(*args, cwd=ROOT):
 def collected(*args):
     out = pytest_run("--collect-only", "-q", *args)
     assert out.returncode in (0, 5), out.stdout + out.stderr
-    return sorted(line.split("[", 1)[1].rstrip("]") for line in out.stdout.splitlines() if "::" in line)
+    return sorted(line.split("::", 1)[1] for line in out.stdout.splitlines() if "::" in line)
 
 
 def test_w4_selects_exactly_the_four_bit_parameters():
-    assert collected("-m", "w4") == ["llava-tiny-awq-w4-all", "llava-tiny-gptq-w4-all",
-                                     "llava-tiny-rtn-w4-all", "llava-tiny-rtn-w4-language",
-                                     "llava-tiny-rtn-w4-vision", "llava-tiny-rtn-w4g32-all"]
+    every_task = [f"test_{t}[llava-tiny-rtn-w4-all]"
+                  for t in ("coco_caption", "scienceqa", "text_ppl", "vizwiz", "vqav2")]
+    vqa_only = [f"test_vqav2[llava-tiny-{c}]" for c in ("awq-w4-all", "gptq-w4-all", "rtn-w4-language",
+                                                        "rtn-w4-vision", "rtn-w4g32-all")]
+    assert collected("-m", "w4") == sorted(every_task + vqa_only)
 
 
 @pytest.mark.parametrize("expr, expected", [
-    ("fp16", ["llava-tiny-fp16"]),
-    ("w8", ["llava-tiny-rtn-w8-all"]),
-    ("w4 and vision and not language", ["llava-tiny-rtn-w4-vision"]),
-    ("vqav2 and llava-tiny and w3", ["llava-tiny-rtn-w3-all"]),
+    ("fp16 and vqav2", ["test_vqav2[llava-tiny-fp16]"]),
+    ("w8", ["test_vqav2[llava-tiny-rtn-w8-all]"]),
+    ("w4 and vision and not language", ["test_vqav2[llava-tiny-rtn-w4-vision]"]),
+    ("vqav2 and llava-tiny and w3", ["test_vqav2[llava-tiny-rtn-w3-all]"]),
+    ("fp16 and text_ppl", ["test_text_ppl[llava-tiny-fp16]"]),
 ])
 def test_mark_expressions(expr, expected):
     assert collected("-m", expr) == expected
 
 
 def test_sensitivity_grid_covers_every_scope_and_bit_width():
-    ids = [i for i in collected("--grid", "benchmarks/grids/sensitivity.yaml") if i != "no-case"]
+    ids = [i.split("[")[1].rstrip("]") for i in collected("--grid", "benchmarks/grids/sensitivity.yaml")
+           if "no-case" not in i]
     assert len(ids) == 13 * 4   # every config on each of the four tasks the tiny LLaVA serves
     for scope in ("vision", "language", "all"):
         for bits in (8, 4, 3, 2):
