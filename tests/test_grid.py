@@ -86,3 +86,10 @@ def test_expand_and_component_errors_are_named(tmp_path):
   - {name: "x-{bits}", expand: {bits: 4}}""")
     with pytest.raises(GridError, match=r"configs\[1\].expand.bits: must be a non-empty list"):
         load_grid(write(tmp_path, bad))
+
+
+def test_calibration_defaults_to_the_grids_own_data_for_its_task(tmp_path):
+    grid = load_grid(write(tmp_path, GOOD.replace("vqav2: {data: embedded}", "vqav2: {data: my_vqa}")))
+    assert (grid.calibration.task, grid.calibration.split, grid.calibration.data) == ("vqav2", "train", "my_vqa")
+    with pytest.raises(GridError, match="calibration: unknown field"):
+        load_grid(write(tmp_path, GOOD + "calibration: {sample: 3}\n"))
