@@ -31,18 +31,31 @@ def _children(module: nn.Module, *paths: str) -> tuple[nn.Linear, ...] | None:
     return tuple(found) if all(isinstance(m, nn.Linear) for m in found) else None
 
 
-# (norm attribute, Linears it feeds) for the pre-LN block layouts the suite knows.
+# (norm attribute, Linears it feeds) for the pre-LN block layouts the suite knows: Llama, CLIP,
+# BLIP-2's vision encoder (one fused qkv Linear) and OPT (pre-LN only: see _pre_ln). The
+# Q-Former is post-LN (its norms also feed the residual): no exact fold exists there.
 _PATTERNS = (
     ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
     ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     ("layer_norm1", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("layer_norm1", ("self_attn.qkv",)),
     ("layer_norm2", ("mlp.fc1",)),
+    ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("final_layer_norm", ("fc1",)),
 )
+
+
+def _pre_ln(module: nn.Module) -> bool:
+    """OPT layers built with do_layer_norm_before=False (OPT-350m) normalize after the residual
+    add, so their norms feed the residual too and folding into them would change the function."""
+    return getattr(module, "do_layer_norm_before", True)
 
 
 def norm_linear_pairs(root: nn.Module) -> list[NormFold]:
     folds = []
     for prefix, module in root.named_modules():
+        if not _pre_ln(module):
+            continue
         for norm_attr, linear_paths in _PATTERNS:
             norm = getattr(module, norm_attr, None)
             if norm is None or not hasattr(norm, "weight"):

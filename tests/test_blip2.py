@@ -38,7 +38,8 @@ def images():
 @pytest.fixture
 def generative(tokenizer):
     torch.manual_seed(0)
-    return Blip2Adapter("g", build_generative(tokenizer), build_processor(tokenizer, TinyBlip2Size.num_query_tokens), CPU)
+    processor = build_processor(tokenizer, TinyBlip2Size.num_query_tokens)
+    return Blip2Adapter("g", build_generative(tokenizer), processor, CPU)
 
 
 @pytest.fixture
@@ -152,7 +153,10 @@ def test_retrieval_embeddings_and_itm_scores(retrieval, images):
     assert torch.allclose(image_emb.norm(dim=-1), torch.ones(3, n_query), atol=1e-5)
     assert torch.allclose(text_emb.norm(dim=-1), torch.ones(5), atol=1e-5)
     scores = retrieval.itm_scores(images[:3], CAPTIONS)
-    assert scores.shape == (3,) and ((scores >= 0) & (scores <= 1)).all()
+    with torch.inference_mode():   # the positive-class logit of the ITM head, as LAVIS ranks by
+        logits = retrieval.model(pixel_values=retrieval.pixels(images[:3]), **retrieval.text_inputs(CAPTIONS),
+                                 use_image_text_matching_head=True).logits_per_image
+    assert scores.shape == (3,) and torch.allclose(scores, logits[:, 1].float())
 
 
 def test_retrieval_itc_agrees_with_the_model_and_ignores_padding(retrieval, images):
