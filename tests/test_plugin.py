@@ -40,11 +40,15 @@ def test_mark_expressions(expr, expected):
 
 def test_sensitivity_grid_covers_every_scope_and_bit_width():
     ids = [i.split("[")[1].rstrip("]") for i in collected("--grid", "benchmarks/grids/sensitivity.yaml")
-           if "no-case" not in i]
+           if "llava-tiny" in i]
     assert len(ids) == 13 * 4   # every config on each of the four tasks the tiny LLaVA serves
+    retrieval = [i for i in collected("--grid", "benchmarks/grids/sensitivity.yaml") if "retrieval-" in i]
+    assert all(i.startswith("test_flickr_retrieval[") for i in retrieval)
+    assert not any("language" in i for i in retrieval) and any("qformer" in i for i in retrieval)
     for scope in ("vision", "language", "all"):
         for bits in (8, 4, 3, 2):
             assert f"llava-tiny-rtn-w{bits}-{scope}" in ids
+    assert not any("qformer" in i for i in ids)   # LLaVA has no Q-Former: never generated
 
 
 def test_malformed_grid_is_one_clear_usage_error(tmp_path):
