@@ -55,6 +55,13 @@ def batched(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start:start + size]
 
 
+class LazyImage:
+    """Mixin for sample dataclasses with a `_load` field: the image is read only when asked for."""
+
+    def image(self) -> Image.Image:
+        return self._load()
+
+
 def open_image(path: Path) -> Callable[[], Image.Image]:
     """A lazy RGB loader: images are read when a batch needs them, and a bad one is one error."""
     def load() -> Image.Image:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Hashable
 from PIL import Image
 from tqdm import tqdm
 
-from tasks.base import DataError, DataMissing, TaskResult, batched, load_hf_rows, open_image, read_json, require
+from tasks.base import DataError, DataMissing, LazyImage, TaskResult, batched, load_hf_rows, open_image, read_json, require
 
 NAME = "coco_caption"
 PRIMARY_METRIC = "CIDEr"
@@ -43,14 +43,11 @@ UNAVAILABLE_METRICS = {"SPICE": "needs Stanford CoreNLP, downloaded at first use
 
 
 @dataclass
-class CaptionSample:
+class CaptionSample(LazyImage):
     image_id: Hashable
     references: list[str]
     image_source: str
     _load: Callable[[], Image.Image]
-
-    def image(self) -> Image.Image:
-        return self._load()
 
 
 # -- metric ------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from tasks.base import DataError, DataMissing, TaskResult, batched, open_image, read_json, require
+from tasks.base import DataError, DataMissing, LazyImage, TaskResult, batched, open_image, read_json, require
 
 NAME = "flickr_retrieval"
 PRIMARY_METRIC = "r_mean"
@@ -36,14 +36,11 @@ RECALL_AT = (1, 5, 10)
 
 
 @dataclass
-class FlickrImage:
+class FlickrImage(LazyImage):
     image_id: str
     captions: list[str]
     image_source: str
     _load: Callable[[], Image.Image]
-
-    def image(self) -> Image.Image:
-        return self._load()
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Any, Callable
 from PIL import Image
 from tqdm import tqdm
 
-from tasks.base import DataError, TaskResult, batched, load_hf_rows, open_image, read_json, require
+from tasks.base import DataError, LazyImage, TaskResult, batched, load_hf_rows, open_image, read_json, require
 
 NAME = "scienceqa"
 PRIMARY_METRIC = "accuracy"
@@ -72,7 +72,7 @@ def _letter_index(letter: str, n_choices: int) -> int | None:
 
 
 @dataclass
-class ScienceQASample:
+class ScienceQASample(LazyImage):
     pid: str
     question: str
     choices: list[str]
@@ -86,9 +86,6 @@ class ScienceQASample:
     def context_type(self) -> str:
         # Every sample has an image (IMG subset); a non-empty hint adds the text context.
         return "IMG+TXT" if self.hint.strip() else "IMG"
-
-    def image(self) -> Image.Image:
-        return self._load()
 
 
 def _checked_answer(answer: Any, choices: Any, where: str) -> int:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 from PIL import Image
 from tqdm import tqdm
 
-from tasks.base import DataError, TaskResult, batched, load_hf_rows, open_image, read_json, require
+from tasks.base import DataError, LazyImage, TaskResult, batched, load_hf_rows, open_image, read_json, require
 from tasks.vqa_eval import normalize_answer, vqa_accuracy
 
 NAME = "vizwiz"
@@ -31,7 +31,7 @@ UNANSWERABLE = "unanswerable"
 
 
 @dataclass
-class VizWizSample:
+class VizWizSample(LazyImage):
     image_name: str
     question: str
     answers: list[str]
@@ -39,9 +39,6 @@ class VizWizSample:
     answerable: bool
     image_source: str
     _load: Callable[[], Image.Image]
-
-    def image(self) -> Image.Image:
-        return self._load()
 
 
 def is_unanswerable(prediction: str) -> bool:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 from PIL import Image
 from tqdm import tqdm
 
-from tasks.base import DataError, TaskResult, batched, load_hf_rows, open_image, read_json, require
+from tasks.base import DataError, LazyImage, TaskResult, batched, load_hf_rows, open_image, read_json, require
 from tasks.vqa_eval import vqa_accuracy
 
 NAME = "vqav2"
@@ -25,7 +25,7 @@ MAX_NEW_TOKENS = 10
 
 
 @dataclass
-class VQASample:
+class VQASample(LazyImage):
     question_id: int
     image_id: int
     question: str
@@ -34,9 +34,6 @@ class VQASample:
     multiple_choice_answer: str
     image_source: str
     _load: Callable[[], Image.Image]
-
-    def image(self) -> Image.Image:
-        return self._load()
 
 
 SUBSETS = {"train": "train2014", "val": "val2014", "test": "test2015"}
