@@ -20,17 +20,21 @@ def collected(*args):
 
 
 def test_w4_selects_exactly_the_four_bit_parameters():
-    every_task = [f"test_{t}[llava-tiny-rtn-w4-all]"
-                  for t in ("coco_caption", "scienceqa", "text_ppl", "vizwiz", "vqav2")]
+    llava = [f"test_{t}[llava-tiny-rtn-w4-all]" for t in ("coco_caption", "scienceqa", "text_ppl", "vizwiz", "vqav2")]
     vqa_only = [f"test_vqav2[llava-tiny-{c}]" for c in ("awq-w4-all", "gptq-w4-all", "rtn-w4-language",
                                                         "rtn-w4-vision", "rtn-w4g32-all")]
-    assert collected("-m", "w4") == sorted(every_task + vqa_only)
+    blip2 = ["test_coco_caption[blip2-tiny-rtn-w4-all]", "test_vqav2[blip2-tiny-rtn-w4-all]",
+             "test_flickr_retrieval[blip2-tiny-retrieval-rtn-w4-all]"]
+    assert collected("-m", "w4") == sorted(llava + vqa_only + blip2)
 
 
 @pytest.mark.parametrize("expr, expected", [
-    ("fp16 and vqav2", ["test_vqav2[llava-tiny-fp16]"]),
+    ("fp16 and vqav2", ["test_vqav2[blip2-tiny-fp16]", "test_vqav2[llava-tiny-fp16]"]),
     ("w8", ["test_vqav2[llava-tiny-rtn-w8-all]"]),
-    ("w4 and vision and not language", ["test_vqav2[llava-tiny-rtn-w4-vision]"]),
+    ("w4 and vision and not language and llava-tiny", ["test_vqav2[llava-tiny-rtn-w4-vision]"]),
+    ("w4 and qformer", ["test_coco_caption[blip2-tiny-rtn-w4-all]",
+                        "test_flickr_retrieval[blip2-tiny-retrieval-rtn-w4-all]",
+                        "test_vqav2[blip2-tiny-rtn-w4-all]"]),
     ("vqav2 and llava-tiny and w3", ["test_vqav2[llava-tiny-rtn-w3-all]"]),
     ("fp16 and text_ppl", ["test_text_ppl[llava-tiny-fp16]"]),
 ])

@@ -33,7 +33,8 @@ def test_text_perplexity_isolates_the_language_model(tiny):
     quantize(vision, make_config("v", "rtn", {"vision": 3}))
     assert ppl(vision) == pytest.approx(fp, rel=1e-6)
     language = copy.deepcopy(tiny)
-    quantize(language, make_config("l", "rtn", {"language": 3}))
+    # 2 bits: on this text the shipped checkpoint's LM loses little at 3 bits (3.29 vs 3.21)
+    quantize(language, make_config("l", "rtn", {"language": 2}))
     assert ppl(language) > fp * 1.5
 
 
