@@ -50,6 +50,17 @@ def require(record: dict, keys: Sequence[str], where: str) -> None:
         raise DataError(f"{where}: missing field(s) {', '.join(missing)}")
 
 
+def karpathy_sentences(entry: dict, where: str) -> list[str]:
+    """The raw captions of one image of a Karpathy-split file (dataset_coco/flickr30k.json)."""
+    sentences = []
+    for j, sentence in enumerate(entry["sentences"]):
+        require(sentence, ["raw"], f"{where}.sentences[{j}]")
+        sentences.append(sentence["raw"])
+    if not sentences:
+        raise DataError(f"{where}: no sentences")
+    return sentences
+
+
 def batched(items: Sequence, size: int) -> Iterator[Sequence]:
     for start in range(0, len(items), size):
         yield items[start:start + size]

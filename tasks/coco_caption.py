@@ -25,7 +25,7 @@ from typing import Any, Callable, Hashable
 from PIL import Image
 from tqdm import tqdm
 
-from tasks.base import DataError, DataMissing, LazyImage, TaskResult, batched, load_hf_rows, open_image, read_json, require
+from tasks.base import DataError, DataMissing, LazyImage, TaskResult, batched, karpathy_sentences, load_hf_rows, open_image, read_json, require
 
 NAME = "coco_caption"
 PRIMARY_METRIC = "CIDEr"
@@ -110,12 +110,7 @@ def _load_karpathy(path: Path, root: Path, split: str) -> list[CaptionSample]:
         require(entry, ["filepath", "filename", "split", "sentences", "cocoid"], f"{path}: images[{i}]")
         if entry["split"] not in wanted:
             continue
-        references = []
-        for j, sentence in enumerate(entry["sentences"]):
-            require(sentence, ["raw"], f"{path}: images[{i}].sentences[{j}]")
-            references.append(sentence["raw"])
-        if not references:
-            raise DataError(f"{path}: images[{i}]: no sentences")
+        references = karpathy_sentences(entry, f"{path}: images[{i}]")
         image = root / entry["filepath"] / entry["filename"]
         samples.append(CaptionSample(entry["cocoid"], references, str(image), open_image(image)))
     if not samples:

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from tasks.base import DataError, DataMissing, LazyImage, TaskResult, batched, open_image, read_json, require
+from tasks.base import DataError, DataMissing, LazyImage, TaskResult, batched, karpathy_sentences, open_image, read_json, require
 
 NAME = "flickr_retrieval"
 PRIMARY_METRIC = "r_mean"
@@ -139,12 +139,7 @@ def _load_karpathy(path: Path, root: Path, split: str) -> list[FlickrImage]:
         require(entry, ["filename", "split", "sentences"], f"{path}: images[{i}]")
         if entry["split"] != split:
             continue
-        captions = []
-        for j, sentence in enumerate(entry["sentences"]):
-            require(sentence, ["raw"], f"{path}: images[{i}].sentences[{j}]")
-            captions.append(sentence["raw"])
-        if not captions:
-            raise DataError(f"{path}: images[{i}]: no sentences")
+        captions = karpathy_sentences(entry, f"{path}: images[{i}]")
         image = root / "flickr30k-images" / entry["filename"]
         images.append(FlickrImage(entry["filename"], captions, str(image), open_image(image)))
     if not images:
