@@ -1,4 +1,4 @@
-"""Command line for results files: python -m reports {compare,summary,plot}.
+"""Command line for results files: python -m reports {compare,summary,plot,table}.
 
 Exit codes are meant for CI: 0 fine, 1 a regression was found (compare),
 2 the input could not be used (missing or malformed CSV, bad arguments).
@@ -58,7 +58,36 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     plot.add_argument("results", metavar="RESULTS.csv", help="merged results file")
     plot.add_argument("--out", metavar="DIR", required=True, help="directory for the PNG files")
+
+    table = commands.add_parser(
+        "table",
+        help="print markdown pivot tables of the primary metric by method and bit width",
+        description=(
+            "Print one markdown table per (model, task): a row per (method, components), a "
+            "column per weight bit width, each cell 'value (rel%%) · bpw · quant seconds'. "
+            "Only passed tests' primary metrics are shown."
+        ),
+    )
+    table.add_argument("results", metavar="RESULTS.csv", help="merged results file")
+    table.add_argument("--model", metavar="M", help="only this model")
+    table.add_argument("--task", metavar="T", help="only this task")
+    table.add_argument(
+        "--bits",
+        type=_bit_widths,
+        metavar="8,4,3,2",
+        help="columns to show, in this order (default: every width found, descending)",
+    )
     return parser
+
+
+def _bit_widths(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        # argparse turns this into a usage error, exit status 2.
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers such as 8,4,3,2, got {text!r}"
+        ) from None
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -72,6 +101,11 @@ def _run(args: argparse.Namespace) -> int:
         from reports.summary import format_summary
 
         print(format_summary(read_rows(args.results)))
+        return EXIT_OK
+    if args.command == "table":
+        from reports.pivot import format_tables
+
+        print(format_tables(read_rows(args.results), args.model, args.task, args.bits))
         return EXIT_OK
     # Imported only here: matplotlib is slow to import and only plot needs it.
     from reports.plots import plot_results

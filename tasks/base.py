@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 
 class DataError(Exception):
@@ -64,6 +65,20 @@ def karpathy_sentences(entry: dict, where: str) -> list[str]:
 def batched(items: Sequence, size: int) -> Iterator[Sequence]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+def generate_replies(adapter: Any, samples: Sequence, prompt_of: Callable[[Any], str], max_new_tokens: int,
+                     batch_size: int, desc: str, progress: bool = True,
+                     unit: str = "q") -> Iterator[tuple[Any, str, str]]:
+    """(sample, prompt, greedy reply) for every sample, generated in batches under a progress
+    bar: the loop every generative task shares; each task only prompts and scores."""
+    bar = tqdm(total=len(samples), desc=desc, unit=unit, disable=not progress, leave=False)
+    for batch in batched(samples, batch_size):
+        prompts = [prompt_of(sample) for sample in batch]
+        replies = adapter.generate([sample.image() for sample in batch], prompts, max_new_tokens)
+        yield from zip(batch, prompts, replies)
+        bar.update(len(batch))
+    bar.close()
 
 
 class LazyImage:

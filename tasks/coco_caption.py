@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any, Callable, Hashable
 
 from PIL import Image
-from tqdm import tqdm
 
-from tasks.base import DataError, DataMissing, LazyImage, TaskResult, batched, karpathy_sentences, load_hf_rows, open_image, read_json, require
+from tasks.base import DataError, DataMissing, LazyImage, TaskResult, generate_replies, karpathy_sentences, load_hf_rows, open_image, read_json, require
 
 NAME = "coco_caption"
 PRIMARY_METRIC = "CIDEr"
@@ -161,15 +160,11 @@ def evaluate(adapter: Any, samples: list[CaptionSample], batch_size: int = 32,
              progress: bool = True) -> TaskResult:
     """Greedy captions (adapter.caption_prompt, adapter.generate) scored with caption_scores."""
     logs: list[dict[str, Any]] = []
-    bar = tqdm(total=len(samples), desc=f"{NAME}", unit="img", disable=not progress, leave=False)
-    for batch in batched(samples, batch_size):
-        prompts = [adapter.caption_prompt() for _ in batch]
-        predictions = adapter.generate([s.image() for s in batch], prompts, MAX_NEW_TOKENS)
-        for sample, prompt, prediction in zip(batch, prompts, predictions):
-            logs.append({"image_id": sample.image_id, "prompt": prompt,
-                         "prediction": prediction, "references": sample.references})
-        bar.update(len(batch))
-    bar.close()
+    replies = generate_replies(adapter, samples, lambda _: adapter.caption_prompt(), MAX_NEW_TOKENS,
+                               batch_size, NAME, progress, unit="img")
+    for sample, prompt, prediction in replies:
+        logs.append({"image_id": sample.image_id, "prompt": prompt,
+                     "prediction": prediction, "references": sample.references})
     if not logs:
         raise DataError("coco_caption: no samples to evaluate")
     predictions = {entry["image_id"]: entry["prediction"] for entry in logs}

@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from PIL import Image
-from tqdm import tqdm
 
-from tasks.base import DataError, LazyImage, TaskResult, batched, load_hf_rows, open_image, read_json, require
+from tasks.base import DataError, LazyImage, TaskResult, generate_replies, load_hf_rows, open_image, read_json, require
 
 NAME = "scienceqa"
 PRIMARY_METRIC = "accuracy"
@@ -160,19 +159,15 @@ def evaluate(adapter: Any, samples: list[ScienceQASample], batch_size: int = 32,
     logs: list[dict[str, Any]] = []
     by_subject: dict[str, list[bool]] = defaultdict(list)
     by_context: dict[str, list[bool]] = defaultdict(list)
-    bar = tqdm(total=len(samples), desc=NAME, unit="q", disable=not progress, leave=False)
-    for batch in batched(samples, batch_size):
-        prompts = [adapter.choice_prompt(s.question, s.choices, s.hint) for s in batch]
-        predictions = adapter.generate([s.image() for s in batch], prompts, MAX_NEW_TOKENS)
-        for sample, prompt, prediction in zip(batch, prompts, predictions):
-            parsed = parse_choice(prediction, len(sample.choices))
-            correct = parsed == sample.answer
-            by_subject[sample.subject].append(correct)
-            by_context[sample.context_type].append(correct)
-            logs.append({"pid": sample.pid, "prompt": prompt, "prediction": prediction,
-                         "parsed": parsed, "answer": sample.answer, "correct": correct})
-        bar.update(len(batch))
-    bar.close()
+    replies = generate_replies(adapter, samples, lambda s: adapter.choice_prompt(s.question, s.choices, s.hint),
+                               MAX_NEW_TOKENS, batch_size, NAME, progress)
+    for sample, prompt, prediction in replies:
+        parsed = parse_choice(prediction, len(sample.choices))
+        correct = parsed == sample.answer
+        by_subject[sample.subject].append(correct)
+        by_context[sample.context_type].append(correct)
+        logs.append({"pid": sample.pid, "prompt": prompt, "prediction": prediction,
+                     "parsed": parsed, "answer": sample.answer, "correct": correct})
     if not logs:
         raise DataError("scienceqa: no samples to evaluate")
     n = len(logs)

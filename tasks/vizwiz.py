@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from PIL import Image
-from tqdm import tqdm
 
-from tasks.base import DataError, LazyImage, TaskResult, batched, load_hf_rows, open_image, read_json, require
+from tasks.base import DataError, LazyImage, TaskResult, generate_replies, load_hf_rows, open_image, read_json, require
 from tasks.vqa_eval import normalize_answer, vqa_accuracy
 
 NAME = "vizwiz"
@@ -157,18 +156,14 @@ def evaluate(adapter: Any, samples: list[VizWizSample], batch_size: int = 32,
     logs: list[dict[str, Any]] = []
     by_type: dict[str, list[float]] = defaultdict(list)
     by_answerable: dict[str, list[float]] = defaultdict(list)
-    bar = tqdm(total=len(samples), desc=NAME, unit="q", disable=not progress, leave=False)
-    for batch in batched(samples, batch_size):
-        prompts = [adapter.unanswerable_prompt(s.question) for s in batch]
-        predictions = adapter.generate([s.image() for s in batch], prompts, MAX_NEW_TOKENS)
-        for sample, prediction in zip(batch, predictions):
-            score = vqa_accuracy(prediction, sample.answers)
-            by_type[sample.answer_type].append(score)
-            by_answerable["answerable" if sample.answerable else UNANSWERABLE].append(score)
-            logs.append({"image": sample.image_name, "question": sample.question,
-                         "prediction": prediction, "answers": sample.answers, "score": score})
-        bar.update(len(batch))
-    bar.close()
+    replies = generate_replies(adapter, samples, lambda s: adapter.unanswerable_prompt(s.question),
+                               MAX_NEW_TOKENS, batch_size, NAME, progress)
+    for sample, _, prediction in replies:
+        score = vqa_accuracy(prediction, sample.answers)
+        by_type[sample.answer_type].append(score)
+        by_answerable["answerable" if sample.answerable else UNANSWERABLE].append(score)
+        logs.append({"image": sample.image_name, "question": sample.question,
+                     "prediction": prediction, "answers": sample.answers, "score": score})
     if not logs:
         raise DataError("vizwiz: no samples to evaluate")
     scores = [entry["score"] for entry in logs]

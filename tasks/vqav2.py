@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from PIL import Image
-from tqdm import tqdm
 
-from tasks.base import DataError, LazyImage, TaskResult, batched, load_hf_rows, open_image, read_json, require
+from tasks.base import DataError, LazyImage, TaskResult, generate_replies, load_hf_rows, open_image, read_json, require
 from tasks.vqa_eval import vqa_accuracy
 
 NAME = "vqav2"
@@ -90,17 +89,13 @@ def evaluate(adapter: Any, samples: list[VQASample], batch_size: int = 32,
     """Greedy short answers for every sample, scored with the official VQA accuracy (in %)."""
     logs: list[dict[str, Any]] = []
     by_type: dict[str, list[float]] = defaultdict(list)
-    bar = tqdm(total=len(samples), desc=f"{NAME}", unit="q", disable=not progress, leave=False)
-    for batch in batched(samples, batch_size):
-        prompts = [adapter.vqa_prompt(s.question) for s in batch]
-        predictions = adapter.generate([s.image() for s in batch], prompts, MAX_NEW_TOKENS)
-        for sample, prompt, prediction in zip(batch, prompts, predictions):
-            score = vqa_accuracy(prediction, sample.answers)
-            by_type[sample.answer_type].append(score)
-            logs.append({"question_id": sample.question_id, "prompt": prompt,
-                         "prediction": prediction, "answers": sample.answers, "score": score})
-        bar.update(len(batch))
-    bar.close()
+    replies = generate_replies(adapter, samples, lambda s: adapter.vqa_prompt(s.question), MAX_NEW_TOKENS,
+                               batch_size, NAME, progress)
+    for sample, prompt, prediction in replies:
+        score = vqa_accuracy(prediction, sample.answers)
+        by_type[sample.answer_type].append(score)
+        logs.append({"question_id": sample.question_id, "prompt": prompt,
+                     "prediction": prediction, "answers": sample.answers, "score": score})
     if not logs:
         raise DataError("vqav2: no samples to evaluate")
     scores = [entry["score"] for entry in logs]

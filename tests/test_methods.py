@@ -78,7 +78,8 @@ def test_calibration_never_comes_from_the_evaluated_split(bench):
 
 @pytest.mark.parametrize("layers, layer_types, expected", [
     ("first", "both", {"layers.0.self_attn", "layers.0.mlp"}),
-    ("last", "mlp", {"layers.1.mlp"}),
+    ("middle", "both", {"layers.1.self_attn", "layers.1.mlp"}),
+    ("last", "mlp", {"layers.2.mlp"}),
     ("0-1", "attention", {"layers.0.self_attn", "layers.1.self_attn"}),
 ])
 def test_layer_groups_and_types(bench, layers, layer_types, expected):
@@ -90,5 +91,6 @@ def test_layer_groups_and_types(bench, layers, layer_types, expected):
 
 
 def test_middle_third_of_a_two_block_stack_is_a_clear_error(bench):
+    # The tiny LLaVA's vision tower has two blocks: first and last, no middle.
     with pytest.raises(ConfigError, match="selects no Linear"):
-        select_targets(bench.fp_adapter(MODEL), make_config("q", "rtn", {"language": 4}, layers="middle"))
+        select_targets(bench.fp_adapter(MODEL), make_config("q", "rtn", {"vision": 4}, layers="middle"))

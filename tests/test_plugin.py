@@ -19,23 +19,35 @@ def collected(*args):
     return sorted(line.split("::", 1)[1] for line in out.stdout.splitlines() if "::" in line)
 
 
+LLAVA_TASKS = ("coco_caption", "scienceqa", "text_ppl", "vizwiz", "vqav2")
+BLIP2_CASES = ("test_coco_caption[blip2-tiny-{}]", "test_vqav2[blip2-tiny-{}]",
+               "test_flickr_retrieval[blip2-tiny-retrieval-{}]")
+
+
+def every_task(config):
+    """The ids of one config run on every task of every model in the default grid."""
+    return [f"test_{t}[llava-tiny-{config}]" for t in LLAVA_TASKS] + [c.format(config) for c in BLIP2_CASES]
+
+
 def test_w4_selects_exactly_the_four_bit_parameters():
-    llava = [f"test_{t}[llava-tiny-rtn-w4-all]" for t in ("coco_caption", "scienceqa", "text_ppl", "vizwiz", "vqav2")]
-    vqa_only = [f"test_vqav2[llava-tiny-{c}]" for c in ("awq-w4-all", "gptq-w4-all", "rtn-w4-language",
+    vqa_only = [f"test_vqav2[llava-tiny-{c}]" for c in ("gptq-w4-all", "rtn-w4-language",
                                                         "rtn-w4-vision", "rtn-w4g32-all")]
-    blip2 = ["test_coco_caption[blip2-tiny-rtn-w4-all]", "test_vqav2[blip2-tiny-rtn-w4-all]",
-             "test_flickr_retrieval[blip2-tiny-retrieval-rtn-w4-all]"]
-    assert collected("-m", "w4") == sorted(llava + vqa_only + blip2)
+    assert collected("-m", "w4") == sorted(every_task("rtn-w4-all") + every_task("awq-w4-all") + vqa_only)
+
+
+def test_issue_selections_run_every_task_of_every_model():
+    assert collected("-m", "w3 and gptq") == sorted(every_task("gptq-w3-all"))
+    assert collected("-m", "w4 and awq") == sorted(every_task("awq-w4-all"))
 
 
 @pytest.mark.parametrize("expr, expected", [
     ("fp16 and vqav2", ["test_vqav2[blip2-tiny-fp16]", "test_vqav2[llava-tiny-fp16]"]),
     ("w8", ["test_vqav2[llava-tiny-rtn-w8-all]"]),
     ("w4 and vision and not language and llava-tiny", ["test_vqav2[llava-tiny-rtn-w4-vision]"]),
-    ("w4 and qformer", ["test_coco_caption[blip2-tiny-rtn-w4-all]",
-                        "test_flickr_retrieval[blip2-tiny-retrieval-rtn-w4-all]",
-                        "test_vqav2[blip2-tiny-rtn-w4-all]"]),
-    ("vqav2 and llava-tiny and w3", ["test_vqav2[llava-tiny-rtn-w3-all]"]),
+    ("w4 and qformer and rtn", ["test_coco_caption[blip2-tiny-rtn-w4-all]",
+                                "test_flickr_retrieval[blip2-tiny-retrieval-rtn-w4-all]",
+                                "test_vqav2[blip2-tiny-rtn-w4-all]"]),
+    ("vqav2 and llava-tiny and w3", ["test_vqav2[llava-tiny-gptq-w3-all]", "test_vqav2[llava-tiny-rtn-w3-all]"]),
     ("fp16 and text_ppl", ["test_text_ppl[llava-tiny-fp16]"]),
 ])
 def test_mark_expressions(expr, expected):
