@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch/torchvision pinned to the releases this project's machines carry on local disk.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: bench test sensitivity setup clean
+.PHONY: bench test sensitivity setup crosscheck clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,21 @@ test: setup
 
 sensitivity: setup
 	$(PY) -m pytest --grid benchmarks/grids/sensitivity.yaml
+
+# Our GPTQ/AWQ against llm-compressor (benchmarks/crosscheck/README.md). llm-compressor pins an
+# older torch and transformers than the suite, so it gets a venv of its own. torchvision goes:
+# PyPI's build expects CUDA torch and transformers would import it.
+CROSSCHECK_VENV := .venv-crosscheck
+$(CROSSCHECK_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(CROSSCHECK_VENV)
+	$(CROSSCHECK_VENV)/bin/python -m pip install -q --upgrade pip
+	$(CROSSCHECK_VENV)/bin/python -m pip install -q -e . "torch==2.13.0" "llmcompressor==0.14.0.1"
+	$(CROSSCHECK_VENV)/bin/python -m pip uninstall -q -y torchvision
+	touch $@
+
+crosscheck: $(CROSSCHECK_VENV)/.installed
+	$(CROSSCHECK_VENV)/bin/python -c "import llmcompressor"   # fail here, not as a quiet skip
+	$(CROSSCHECK_VENV)/bin/python -m pytest tests/test_crosscheck_llmcompressor.py -p no:cacheprovider
 
 clean:
 	rm -rf reports-out .cache
