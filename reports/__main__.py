@@ -65,7 +65,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description=(
             "Print one markdown table per (model, task): a row per (method, components), a "
             "column per weight bit width, each cell 'value (rel%%) · bpw · quant seconds'. "
-            "Only passed tests' primary metrics are shown."
+            "Passed tests' primary metrics are shown, and failed ones marked '(failed)'."
         ),
     )
     table.add_argument("results", metavar="RESULTS.csv", help="merged results file")

@@ -103,7 +103,8 @@ def _table(model: str, task: str, rows: list[dict[str, str]], bits: Sequence[int
 
 def format_tables(rows: Sequence[dict[str, str]], model: str | None = None, task: str | None = None,
                   bits: Sequence[int] | None = None) -> str:
-    """Render one markdown pivot table per (model, task) of the passed primary-metric rows."""
+    """Render one markdown pivot table per (model, task) of the measured primary-metric rows:
+    passed tests, and failed ones (a missed expectation), which are marked."""
     # Keyed by test: a rerun merged into the same file replaces the earlier result.
     latest = {row["test_id"]: row for row in rows if is_primary(row) and row["status"] in ("passed", "failed")
               and model in (None, row["model"]) and task in (None, row["task"])}
@@ -111,7 +112,7 @@ def format_tables(rows: Sequence[dict[str, str]], model: str | None = None, task
         if model is None and task is None:
             return "no results recorded"
         # A mistyped filter should not look like an empty but successful run.
-        raise ValueError(f"no passed primary results for model={model!r} task={task!r}")
+        raise ValueError(f"no measured primary results for model={model!r} task={task!r}")
     groups: dict[tuple[str, str], list[dict[str, str]]] = defaultdict(list)
     for row in latest.values():
         groups[row["model"], row["task"]].append(row)
