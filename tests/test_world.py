@@ -1,0 +1,30 @@
+"""The embedded world's generator: layouts in the manifest, and the training-only ScienceQA
+world that extends the main world's train split without touching its evaluation splits."""
+import json
+
+from fixtures.world.generate import ensure_world, read_manifest
+
+
+def _problems(root, split):
+    problems = json.loads((root / "scienceqa" / "problems.json").read_text())
+    pids = json.loads((root / "scienceqa" / "pid_splits.json").read_text())[split]
+    return [problems[pid] for pid in pids]
+
+
+def test_a_larger_train_split_starts_with_the_smaller_one(tmp_path):
+    small = ensure_world(tmp_path / "small", 0, split_images={}, others={"scienceqa": {"train": 20, "test": 5}})
+    large = ensure_world(tmp_path / "large", 0, split_images={}, others={"scienceqa": {"train": 45}})
+    assert _problems(large, "train")[:20] == _problems(small, "train")
+    assert len(_problems(large, "train")) == 45
+
+
+def test_ensure_world_regenerates_only_when_the_layout_changes(tmp_path):
+    root = tmp_path / "w"
+    layout = {"scienceqa": {"train": 6}}
+    ensure_world(root, 0, split_images={}, others=layout)
+    stamp = (root / "WORLD.json").stat().st_mtime_ns
+    ensure_world(root, 0, split_images={}, others=layout)
+    assert (root / "WORLD.json").stat().st_mtime_ns == stamp
+    ensure_world(root, 0, split_images={}, others={"scienceqa": {"train": 8}})
+    assert read_manifest(root)["layout"] == {"vqav2": {}, "scienceqa": {"train": 8}}
+    assert len(_problems(root, "train")) == 8
