@@ -7,7 +7,18 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: bench test sensitivity setup crosscheck clean
 
+# Stop before pip when the disk cannot hold the venv: pip's own "No space left on device"
+# comes halfway through an install. $(1) is the venv's size in GB (torch 2.14.1 is a CUDA build).
+define need_disk
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	if [ "$$free" -lt $(1) ]; then \
+		echo "make: $$free GB free under $(CURDIR); this venv needs about $(1) GB. Free some disk and re-run." >&2; \
+		exit 1; \
+	fi
+endef
+
 $(VENV)/.installed: pyproject.toml
+	$(call need_disk,7)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
@@ -31,6 +42,7 @@ sensitivity: setup
 # PyPI's build expects CUDA torch and transformers would import it.
 CROSSCHECK_VENV := .venv-crosscheck
 $(CROSSCHECK_VENV)/.installed: pyproject.toml
+	$(call need_disk,3)
 	$(PYTHON) -m venv $(CROSSCHECK_VENV)
 	$(CROSSCHECK_VENV)/bin/python -m pip install -q --upgrade pip
 	$(CROSSCHECK_VENV)/bin/python -m pip install -q -e . "torch==2.13.0" "llmcompressor==0.14.0.1"

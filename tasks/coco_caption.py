@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Hashable
@@ -55,6 +56,14 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def require_java() -> None:
+    """Fail before any caption is generated: PTBTokenizer and METEOR start `java` subprocesses."""
+    if shutil.which("java") is None:
+        raise RuntimeError("coco_caption: pycocoevalcap's PTBTokenizer and METEOR run Java, and no "
+                           "`java` is on PATH. Install a Java runtime (Debian: apt-get install "
+                           "default-jre-headless) or deselect the task with -m 'not coco_caption'.")
+
+
 def caption_scores(predictions: dict[Hashable, str], references: dict[Hashable, list[str]]) -> dict:
     """COCO caption metrics of one prediction per image against that image's references.
 
@@ -67,6 +76,7 @@ def caption_scores(predictions: dict[Hashable, str], references: dict[Hashable, 
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
+    require_java()
     if not predictions or set(predictions) != set(references):
         raise ValueError("caption_scores: predictions and references must cover the same, non-empty "
                          "set of image ids")
@@ -159,6 +169,7 @@ def load_hf(dataset: str, split: str, revision: str | None = None) -> list[Capti
 def evaluate(adapter: Any, samples: list[CaptionSample], batch_size: int = 32,
              progress: bool = True) -> TaskResult:
     """Greedy captions (adapter.caption_prompt, adapter.generate) scored with caption_scores."""
+    require_java()
     logs: list[dict[str, Any]] = []
     replies = generate_replies(adapter, samples, lambda _: adapter.caption_prompt(), MAX_NEW_TOKENS,
                                batch_size, NAME, progress, unit="img")

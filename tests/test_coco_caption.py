@@ -71,6 +71,19 @@ def test_mismatched_ids_are_rejected():
         coco_caption.caption_scores({1: "x"}, REFERENCES)
 
 
+def test_missing_java_is_one_clear_error_before_any_generation(monkeypatch):
+    monkeypatch.setenv("PATH", "")
+
+    class NeverGenerates:
+        def caption_prompt(self):
+            raise AssertionError("evaluate generated captions before checking for Java")
+
+    with pytest.raises(RuntimeError, match="no `java` is on PATH"):
+        coco_caption.evaluate(NeverGenerates(), [object()], progress=False)
+    with pytest.raises(RuntimeError, match="no `java` is on PATH"):
+        coco_caption.caption_scores(PREDICTIONS, REFERENCES)
+
+
 # -- loaders -----------------------------------------------------------------------------------
 def save_image(path, color, fmt="PNG"):
     path.parent.mkdir(parents=True, exist_ok=True)
