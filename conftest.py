@@ -178,11 +178,20 @@ def pytest_runtest_makereport(item: pytest.Item, call):
     bench = _bench(item.config)
     status = {"passed": "passed", "failed": "failed" if report.when == "call" else "error",
               "skipped": "skipped"}[report.outcome]
-    common = {"run_id": _run_id(item.config), "commit": _commit(), "test_id": item.nodeid,
+    common = {"run_id": _run_id(item.config), "commit": _commit(), "test_id": _test_id(item),
               "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "device": str(bench.device), "worker": _worker_id(item.config), "status": status}
     rows = result_rows(item.stash.get(OUTCOME_KEY, None), case, common)
     PartWriter(bench.run_dir / "parts" / f"results-{_worker_id(item.config)}.csv").write_rows(rows)
+
+
+def _test_id(item: pytest.Item) -> str:
+    """The node id as a serial run spells it: under --dist loadgroup, xdist appends '@<group>'
+    on its workers, and rows of one test must match across runs with and without -n."""
+    marker = item.get_closest_marker("xdist_group")
+    group = marker and (marker.args[0] if marker.args else marker.kwargs.get("name"))
+    suffix = f"@{group}"
+    return item.nodeid[:-len(suffix)] if group and item.nodeid.endswith(suffix) else item.nodeid
 
 
 def _run_id(config: pytest.Config) -> str:

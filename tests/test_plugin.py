@@ -1,4 +1,5 @@
 """The plugin seen from the command line: mark selection, ids, and one-line usage errors."""
+import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,22 @@ def test_issue_selections_run_every_task_of_every_model():
 ])
 def test_mark_expressions(expr, expected):
     assert collected("-m", expr) == expected
+
+
+def metric_values(report_dir):
+    with open(report_dir / "results.csv", newline="") as f:
+        return {(row["test_id"], row["metric"]): row["value"] for row in csv.DictReader(f)}
+
+
+def test_xdist_gives_the_metrics_and_test_ids_of_a_serial_run(tmp_path):
+    select = ["-m", "w4 and rtn and vqav2 and llava-tiny", "--limit", "40"]
+    serial = pytest_run(*select, f"--report-dir={tmp_path / 'serial'}")
+    spread = pytest_run(*select, "-n", "2", f"--report-dir={tmp_path / 'xdist'}")
+    assert serial.returncode == 0, serial.stdout[-3000:] + serial.stderr[-3000:]
+    assert spread.returncode == 0, spread.stdout[-3000:] + spread.stderr[-3000:]
+    expected = metric_values(tmp_path / "serial")
+    assert len({test_id for test_id, _ in expected}) == 4
+    assert metric_values(tmp_path / "xdist") == expected
 
 
 def test_sensitivity_grid_covers_every_scope_and_bit_width():
