@@ -47,7 +47,7 @@ $(CROSSCHECK_VENV)/.installed: pyproject.toml
 	$(call need_disk,3)
 	$(PYTHON) -m venv $(CROSSCHECK_VENV)
 	$(CROSSCHECK_VENV)/bin/python -m pip install -q --upgrade pip
-	$(CROSSCHECK_VENV)/bin/python -m pip install -q -e . "torch==2.13.0" "llmcompressor==0.14.0.1"
+	$(CROSSCHECK_VENV)/bin/python -m pip install -q --no-compile -e . "torch==2.13.0" "llmcompressor==0.14.0.1"
 	$(CROSSCHECK_VENV)/bin/python -m pip uninstall -q -y torchvision
 	touch $@
 
