@@ -17,12 +17,12 @@ define need_disk
 	fi
 endef
 
+# --no-compile: byte-compiling all of torch and transformers cost over a minute of the 5-minute
+# bench budget; Python compiles only what it imports, on first use.
 $(VENV)/.installed: pyproject.toml
 	$(call need_disk,7)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# --no-compile: byte-compiling all of torch and transformers costs over a minute of the
-	# 5-minute bench budget; Python compiles only what it imports, on first use.
 	$(PY) -m pip install -q --no-compile $(TORCH)
 	$(PY) -m pip install -q --no-compile -e .
 	touch $@

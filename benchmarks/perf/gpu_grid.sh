@@ -64,3 +64,4 @@ if [ "$METHODS" = 1 ]; then
 fi
 rm -rf "$CACHE"
 cat "$OUT/times.txt"
+echo "whole report dirs (junit.xml, samples/, plots/): $REPORTS"
