@@ -1,10 +1,11 @@
 """The plugin seen from the command line: mark selection, ids, and one-line usage errors."""
-import csv
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from reports.csv_log import read_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,8 +57,7 @@ def test_mark_expressions(expr, expected):
 
 
 def metric_values(report_dir):
-    with open(report_dir / "results.csv", newline="") as f:
-        return {(row["test_id"], row["metric"]): row["value"] for row in csv.DictReader(f)}
+    return {(row["test_id"], row["metric"]): row["value"] for row in read_rows(report_dir / "results.csv")}
 
 
 def test_xdist_gives_the_metrics_and_test_ids_of_a_serial_run(tmp_path):

@@ -47,10 +47,11 @@ rm -rf "$CACHE/quantized"
 LOG=xdist seconds $PY -m pytest -m "$SELECT" -n "$WORKERS" --device "$DEVICE" $EXTRA --cache-dir="$CACHE" --report-dir="$REPORTS/xdist"
 cp "$REPORTS/serial/results.csv" "$OUT/serial.csv"; cp "$REPORTS/xdist/results.csv" "$OUT/xdist.csv"
 $PY - "$OUT" <<'EOF' | tee -a "$OUT/times.txt"
-import csv, sys
+import sys
 from collections import Counter
+from reports.csv_log import read_rows
 out = sys.argv[1]
-rows = {name: list(csv.DictReader(open(f"{out}/{name}.csv"))) for name in ("serial", "xdist")}
+rows = {name: read_rows(f"{out}/{name}.csv") for name in ("serial", "xdist")}
 values = {name: {(r["test_id"], r["metric"]): r["value"] for r in rs} for name, rs in rows.items()}
 same = sum(values["serial"][k] == v for k, v in values["xdist"].items() if k in values["serial"])
 print(f"xdist vs serial: {same} of {len(values['serial'])} metric values identical")
