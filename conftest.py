@@ -1,11 +1,10 @@
-"""The vlm-quant-bench pytest plugin: options, grid -> parameters and marks, device pinning,
-JUnit properties, CSV parts merged at session end, per-sample logs, summary and plots."""
+"""The vlm-quant-bench pytest plugin. Its hooks only translate between pytest and the runtime:
+options -> a Session (fixtures/runtime/session.py), the grid -> parameters and marks, a test's
+report -> a recorded row. State lives in pytest's stash, on the config and on each item."""
 from __future__ import annotations
 
-import json
 import os
 import re
-import subprocess
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,16 +17,24 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from fixtures.adapters.base import ModelMissing  # noqa: E402
-from fixtures.bench import Bench, CaseResult, result_rows  # noqa: E402
-from fixtures.grid import GridError, load_grid  # noqa: E402
-from reports.csv_log import PartWriter, merge_parts, read_rows  # noqa: E402
+from fixtures.runtime.grid import Grid, GridError, load_grid  # noqa: E402
+from fixtures.runtime.session import CaseResult, Session  # noqa: E402
+from quantizers.config import COMPONENT_NAMES, MAX_BITS, MIN_BITS  # noqa: E402
+from quantizers.methods import all_methods  # noqa: E402
+from reports.rundir import RunDir  # noqa: E402
 from reports.summary import format_summary  # noqa: E402
 from tasks.base import DataError, DataMissing  # noqa: E402
+from tasks.registry import all_tasks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_GRID = ROOT / "benchmarks" / "grids" / "default.yaml"
-BENCH_KEY = pytest.StashKey[Bench]()
-OUTCOME_KEY = pytest.StashKey[CaseResult]()
+GRID = pytest.StashKey[Grid]()
+SESSION = pytest.StashKey[Session]()
+RUN_ID = pytest.StashKey[str]()
+FINAL_ROWS = pytest.StashKey[list]()
+PLOT_ERROR = pytest.StashKey[str]()
+OUTCOME = pytest.StashKey[CaseResult]()
+ACTIVATION_BITS = (4, 6, 8)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -47,28 +54,12 @@ def _is_worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
 
 
-def _report_dir(config: pytest.Config) -> Path:
-    return Path(config.getoption("--report-dir")).resolve()
+def _worker_id(config: pytest.Config) -> str:
+    return config.workerinput["workerid"] if _is_worker(config) else "main"
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_configure(config: pytest.Config) -> None:
-    grid_path = Path(config.getoption("--grid"))
-    try:
-        config._vqb_grid = load_grid(grid_path)  # type: ignore[attr-defined]
-    except GridError as err:
-        raise pytest.UsageError(str(err)) from None
-    # Model names from the grid become marks (`-m llava-tiny`); register them for --strict-markers.
-    for name in config._vqb_grid.models:  # type: ignore[attr-defined]
-        config.addinivalue_line("markers", f"{name}: model {name} from the grid")
-    report_dir = _report_dir(config)
-    if not _is_worker(config) and _runs_benchmarks(config):
-        config._vqb_run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"  # type: ignore[attr-defined]
-        for stale in ("parts", "baselines"):  # a run starts clean; results.csv is replaced at the end
-            for path in (report_dir / stale).glob("*"):
-                path.unlink()
-        if not config.option.xmlpath and config.getoption("--collect-only") is False:
-            config.option.xmlpath = str(report_dir / "junit.xml")
+def _run_dir(config: pytest.Config) -> RunDir:
+    return RunDir(Path(config.getoption("--report-dir")).resolve())
 
 
 def _runs_benchmarks(config: pytest.Config) -> bool:
@@ -76,12 +67,39 @@ def _runs_benchmarks(config: pytest.Config) -> bool:
     return not config.args or any("benchmarks" in str(arg) for arg in config.args)
 
 
+def _register_marks(config: pytest.Config, grid: Grid) -> None:
+    """Every mark a parameter can carry, from the registries and the grid (marks are strict)."""
+    marks = {"fp16": "the unquantized baseline"}
+    marks.update({f"w{b}": f"a component quantized to {b}-bit weights" for b in range(MIN_BITS, MAX_BITS + 1)})
+    marks.update({f"a{b}": f"{b}-bit activations" for b in ACTIVATION_BITS})
+    marks.update({name: f"method {name}" for name in all_methods()})
+    marks.update({name: f"the {name} component is quantized" for name in COMPONENT_NAMES})
+    marks.update({name: f"task {name}" for name in all_tasks()})
+    marks.update({name: f"model {name} from the grid" for name in grid.models})
+    for name, help_text in marks.items():
+        config.addinivalue_line("markers", f"{name}: {help_text}")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    try:
+        grid = load_grid(Path(config.getoption("--grid")))
+    except GridError as err:
+        raise pytest.UsageError(str(err)) from None
+    config.stash[GRID] = grid
+    _register_marks(config, grid)
+    if _is_worker(config):
+        config.stash[RUN_ID] = config.workerinput["vqb_run_id"]
+    elif _runs_benchmarks(config):
+        config.stash[RUN_ID] = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+        run_dir = _run_dir(config)
+        run_dir.start()
+        if not config.option.xmlpath and config.getoption("--collect-only") is False:
+            config.option.xmlpath = str(run_dir.junit_xml)
+
+
 def pytest_configure_node(node) -> None:  # xdist: hand the run id to each worker
-    node.workerinput["vqb_run_id"] = getattr(node.config, "_vqb_run_id", "")
-
-
-def _worker_id(config: pytest.Config) -> str:
-    return config.workerinput["workerid"] if _is_worker(config) else "main"
+    node.workerinput["vqb_run_id"] = node.config.stash.get(RUN_ID, "")
 
 
 def _pick_device(config: pytest.Config) -> torch.device:
@@ -97,25 +115,23 @@ def _pick_device(config: pytest.Config) -> torch.device:
     return torch.device(choice)
 
 
-def _bench(config: pytest.Config) -> Bench:
-    bench = config.stash.get(BENCH_KEY, None)
-    if bench is None:
+def _session(config: pytest.Config) -> Session:
+    if SESSION not in config.stash:
         workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-        bench = Bench(data_root=Path(config.getoption("--data-root")),
-                      cache_dir=Path(config.getoption("--cache-dir")).resolve(),
-                      run_dir=_report_dir(config), device=_pick_device(config),
-                      limit=config.getoption("--limit"),
-                      progress=config.getoption("capture") == "no")
-        config.stash[BENCH_KEY] = bench
-    return bench
+        config.stash[SESSION] = Session.create(
+            data_root=Path(config.getoption("--data-root")), cache_dir=Path(config.getoption("--cache-dir")).resolve(),
+            run_dir=_run_dir(config).root, device=_pick_device(config), limit=config.getoption("--limit"),
+            run_id=config.stash.get(RUN_ID, ""), worker=_worker_id(config),
+            progress=config.getoption("capture") == "no")
+    return config.stash[SESSION]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "case" not in metafunc.fixturenames:
         return
     task = getattr(metafunc.module, "TASK", None)
-    cases = metafunc.config._vqb_grid.cases_for(task)  # type: ignore[attr-defined]
+    cases = metafunc.config.stash[GRID].cases_for(task)
     params = [pytest.param(case, id=case.id,
                            marks=[getattr(pytest.mark, m) for m in case.mark_names]
                            + [pytest.mark.xdist_group(case.group)])
@@ -136,37 +152,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture
 def outcome(case, request: pytest.FixtureRequest, record_property) -> CaseResult:
     """Evaluate the case (the FP baseline too, once per run) and record it everywhere."""
-    bench = _bench(request.config)
+    session = _session(request.config)
     try:
-        result = bench.run(case)
+        result = session.run(case)
     except (DataMissing, ModelMissing) as err:
         pytest.skip(str(err))
     except DataError as err:
         pytest.fail(str(err), pytrace=False)
-    request.node.stash[OUTCOME_KEY] = result
-    for metric, value in result.result.metrics.items():
-        record_property(f"metric.{metric}", round(value, 4))
-        record_property(f"fp.{metric}", round(result.baseline.metrics.get(metric, float("nan")), 4))
-    for component, bpw in result.quant.bpw.items():
-        record_property(f"bpw.{component}", round(bpw, 4))
-    for key, value in case.config.fingerprint().items():
-        record_property(f"config.{key}", json.dumps(value))
-    record_property("quant_seconds", round(result.quant.seconds, 3))
-    record_property("eval_seconds", round(result.eval_seconds, 3))
-    record_property("n_samples", result.result.n_samples)
-    record_property("device", str(bench.device))
-    _write_samples(bench, case, result)
+    request.node.stash[OUTCOME] = result
+    for name, value in session.properties(result):
+        record_property(name, value)
     return result
-
-
-def _write_samples(bench: Bench, case, result: CaseResult) -> None:
-    path = bench.run_dir / "samples" / case.model.name / case.task.name / f"{case.config.name}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as handle:
-        for sample in result.result.samples:
-            handle.write(json.dumps(sample) + "\n")
-    tmp.replace(path)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -175,14 +171,10 @@ def pytest_runtest_makereport(item: pytest.Item, call):
     case = getattr(item, "callspec", None) and item.callspec.params.get("case")
     if not case or not (report.when == "call" or (report.when == "setup" and not report.passed)):
         return
-    bench = _bench(item.config)
     status = {"passed": "passed", "failed": "failed" if report.when == "call" else "error",
               "skipped": "skipped"}[report.outcome]
-    common = {"run_id": _run_id(item.config), "commit": _commit(), "test_id": _test_id(item),
-              "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "device": str(bench.device), "worker": _worker_id(item.config), "status": status}
-    rows = result_rows(item.stash.get(OUTCOME_KEY, None), case, common)
-    PartWriter(bench.run_dir / "parts" / f"results-{_worker_id(item.config)}.csv").write_rows(rows)
+    _session(item.config).record(case, item.stash.get(OUTCOME, None), status, _test_id(item),
+                                 datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
 def _test_id(item: pytest.Item) -> str:
@@ -194,48 +186,28 @@ def _test_id(item: pytest.Item) -> str:
     return item.nodeid[:-len(suffix)] if group and item.nodeid.endswith(suffix) else item.nodeid
 
 
-def _run_id(config: pytest.Config) -> str:
-    return config.workerinput["vqb_run_id"] if _is_worker(config) else getattr(config, "_vqb_run_id", "")
-
-
-_COMMIT: list[str] = []
-
-
-def _commit() -> str:
-    if not _COMMIT:
-        try:
-            out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                 text=True, timeout=10)
-            _COMMIT.append(out.stdout.strip() or "unknown")
-        except (OSError, subprocess.SubprocessError):
-            _COMMIT.append("unknown")
-    return _COMMIT[0]
-
-
 def pytest_sessionfinish(session: pytest.Session) -> None:
     config = session.config
     if _is_worker(config) or not _runs_benchmarks(config):
         return
-    report_dir = _report_dir(config)
-    parts = sorted((report_dir / "parts").glob("results-*.csv"))
-    if not parts:
+    run_dir = _run_dir(config)
+    rows = run_dir.merge()
+    if rows is None:
         return
-    out = report_dir / "results.csv"
-    merge_parts(parts, out)
-    config._vqb_rows = read_rows(out)  # type: ignore[attr-defined]
+    config.stash[FINAL_ROWS] = rows
     try:
         from reports.plots import plot_results
-        plot_results(config._vqb_rows, report_dir / "plots")  # type: ignore[attr-defined]
+        plot_results(rows, run_dir.plots)
     except Exception as err:  # plots are a convenience: never lose the CSV over one
-        config._vqb_plot_error = str(err)  # type: ignore[attr-defined]
+        config.stash[PLOT_ERROR] = str(err)
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
-    rows = getattr(config, "_vqb_rows", None)
+    rows = config.stash.get(FINAL_ROWS, None)
     if rows is None:
         return
     terminalreporter.section("vlm-quant-bench")
     terminalreporter.write_line(format_summary(rows))
-    terminalreporter.write_line(f"results: {_report_dir(config) / 'results.csv'}")
-    if getattr(config, "_vqb_plot_error", None):
-        terminalreporter.write_line(f"plots skipped: {config._vqb_plot_error}")
+    terminalreporter.write_line(f"results: {_run_dir(config).results_csv}")
+    if PLOT_ERROR in config.stash:
+        terminalreporter.write_line(f"plots skipped: {config.stash[PLOT_ERROR]}")

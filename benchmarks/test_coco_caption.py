@@ -1,5 +1,5 @@
 """COCO captioning over every (model, quant config) of the grid: pycocoevalcap scores, CIDEr primary."""
-from fixtures.bench import check_expectation
+from fixtures.runtime.session import check_expectation
 
 TASK = "coco_caption"
 

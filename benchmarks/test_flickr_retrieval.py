@@ -1,5 +1,5 @@
 """Flickr30k retrieval over every (model, quant config) of the grid: ITC top-k re-ranked by ITM."""
-from fixtures.bench import check_expectation
+from fixtures.runtime.session import check_expectation
 
 TASK = "flickr_retrieval"
 

@@ -1,5 +1,5 @@
 """ScienceQA (IMG) over every (model, quant config) of the grid: option-letter accuracy."""
-from fixtures.bench import check_expectation
+from fixtures.runtime.session import check_expectation
 
 TASK = "scienceqa"
 

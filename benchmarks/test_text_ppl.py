@@ -1,5 +1,5 @@
 """The language model alone, through lm-eval: perplexity on held-out text (lower is better)."""
-from fixtures.bench import check_expectation
+from fixtures.runtime.session import check_expectation
 
 TASK = "text_ppl"
 

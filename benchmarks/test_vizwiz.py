@@ -1,5 +1,5 @@
 """VizWiz over every (model, quant config) of the grid: VQA accuracy, unanswerable AP and F1."""
-from fixtures.bench import check_expectation
+from fixtures.runtime.session import check_expectation
 
 TASK = "vizwiz"
 

@@ -1,5 +1,5 @@
 """VQAv2 over every (model, quant config) of the grid: official 10-answer accuracy."""
-from fixtures.bench import check_expectation
+from fixtures.runtime.session import check_expectation
 
 TASK = "vqav2"
 

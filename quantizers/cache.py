@@ -5,7 +5,8 @@ Files in <root>/quantized/<key[:2]>/: <key>.safetensors; <key>.sha256 (its check
 format); <key>.safetensors.lock (kept: deleting a lock file someone waits on breaks exclusion).
 Tensors: weight/<param>/{codes | codes4, scale, zero, group_index} (codes4: codes < 16 packed two
 per byte along the columns, even column in the low nibble); raw/<param>: other parameters the method
-changed; buffer/<name>: buffers it added. Metadata "vlmqb_cache": JSON {format, key, meta}.
+changed; state/<name>: what the method's state() returned (AWQ's explicit input scales), handed
+back to its restore(). Metadata "vlmqb_cache": JSON {format, key, meta}.
 """
 from __future__ import annotations
 
@@ -26,27 +27,19 @@ from safetensors import SafetensorError
 from torch import nn
 
 # One dequantization formula for quantizers and cache alike: that is what makes restore bit-identical.
-from quantizers.primitives import dequantize, plain_group_index  # noqa: F401  (re-exported)
+from quantizers.primitives import QuantizedTensor, dequantize, plain_group_index  # noqa: F401  (re-exported)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: method state under state/ (was buffer/), any method's
 META_FIELD = "vlmqb_cache"
 # Fixed dtypes keep dequantize() the very float32 arithmetic the quantizers use.
 PART_DTYPES = {"codes": torch.uint8, "scale": torch.float32, "zero": torch.float32, "group_index": torch.int64}
 
 
 @dataclass
-class QuantizedWeight:
-    codes: torch.Tensor        # uint8 (rows, in_features)
-    scale: torch.Tensor        # float32 (rows, n_groups)
-    zero: torch.Tensor         # float32 (rows, n_groups), integer valued
-    group_index: torch.Tensor  # int64 (in_features,): column -> group (any mapping, e.g. act-order)
-
-
-@dataclass
 class QuantEntry:
-    weights: dict[str, QuantizedWeight] = field(default_factory=dict)  # by "<linear>.weight"
+    weights: dict[str, QuantizedTensor] = field(default_factory=dict)  # by "<linear>.weight"
     raw: dict[str, torch.Tensor] = field(default_factory=dict)          # by parameter name
-    buffers: dict[str, torch.Tensor] = field(default_factory=dict)      # by buffer name
+    state: dict[str, torch.Tensor] = field(default_factory=dict)        # the method's own, by name
     meta: dict = field(default_factory=dict)                            # JSON-serializable record
 
 
@@ -58,19 +51,27 @@ def cache_key(*parts) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """sha256 over each parameter's name, shape, dtype and raw bytes, in named_parameters() order.
-    Cost: one pass over every weight byte on one CPU core, about 1 s per GB (measured: 1.1 s for a
-    1 GiB fp32 model); parameters off the CPU are first copied to host, one at a time."""
-    digest = hashlib.sha256()
-    for name, param in model.named_parameters():
-        data = param.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        digest.update(json.dumps([name, list(param.shape), str(param.dtype), data.numel()]).encode())
-        digest.update(data.numpy())  # the length in the header keeps parameter boundaries unambiguous
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """blake2b over a tensor's shape, dtype and raw bytes (copied to the host first)."""
+    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    digest = hashlib.blake2b(json.dumps([list(tensor.shape), str(tensor.dtype)]).encode(), digest_size=16)
+    digest.update(data.numpy())
     return digest.hexdigest()
 
 
-def _check_weight(name: str, w: QuantizedWeight) -> None:
+def parameter_digests(model: nn.Module) -> dict[str, str]:
+    """{parameter name: tensor_digest}: what changed between two points in time (coverage checks),
+    and, hashed together, the identity of a model's weights. Cost: one pass over every weight
+    byte on one CPU core, about 1 s per GB."""
+    return {name: tensor_digest(param) for name, param in model.named_parameters()}
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 over every parameter's name and digest, in named_parameters() order."""
+    return cache_key(list(parameter_digests(model).items()))
+
+
+def _check_weight(name: str, w: QuantizedTensor) -> None:
     for part, dtype in PART_DTYPES.items():
         if getattr(w, part).dtype != dtype:
             raise ValueError(f"{name}: {part} must be {dtype}, got {getattr(w, part).dtype}")
@@ -104,7 +105,7 @@ def _encode(entry: QuantEntry) -> dict[str, torch.Tensor]:
             tensors[f"weight/{name}/codes"] = w.codes
         tensors.update({f"weight/{name}/{part}": getattr(w, part) for part in ("scale", "zero", "group_index")})
     tensors.update({f"raw/{name}": t for name, t in entry.raw.items()})
-    tensors.update({f"buffer/{name}": t for name, t in entry.buffers.items()})
+    tensors.update({f"state/{name}": t for name, t in entry.state.items()})
     # Own contiguous CPU copies: safetensors refuses views and tensors sharing storage (tied weights).
     return {k: t.detach().cpu().clone(memory_format=torch.contiguous_format) for k, t in tensors.items()}
 
@@ -116,13 +117,13 @@ def _decode(tensors: dict[str, torch.Tensor], meta: dict) -> QuantEntry:
         if kind == "weight":
             name, _, part = rest.rpartition("/")
             parts.setdefault(name, {})[part] = tensor
-        elif kind in ("raw", "buffer"):
-            (entry.raw if kind == "raw" else entry.buffers)[rest] = tensor
+        elif kind in ("raw", "state"):
+            (entry.raw if kind == "raw" else entry.state)[rest] = tensor
         else:
             raise ValueError(f"unknown tensor {key!r}")
     for name, p in parts.items():
         codes = _unpack4(p["codes4"], p["group_index"].numel()) if "codes4" in p else p["codes"]
-        entry.weights[name] = QuantizedWeight(codes, p["scale"], p["zero"], p["group_index"])
+        entry.weights[name] = QuantizedTensor(codes, p["scale"], p["zero"], p["group_index"])
         _check_weight(name, entry.weights[name])
     return entry
 

@@ -1,22 +1,50 @@
-"""QuantConfig: what to quantize, how, and with which method (one frozen, hashable value)."""
+"""QuantConfig: what to quantize, how, and with which method (one frozen, hashable value).
+
+A method's own settings are a typed, frozen MethodParams subclass declared by the method
+(quantizers/methods/); make_config turns a grid's `params:` mapping into it, naming any field
+the method does not have.
+"""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
-METHODS = ("fp", "rtn", "gptq", "awq", "qvlm", "qig")
 LAYER_TYPES = ("attention", "mlp", "both")
 # The suite's component vocabulary; each model family maps the ones it has to its modules.
 COMPONENT_NAMES = ("vision", "qformer", "connector", "language", "lm_head")
-IMPLEMENTED_METHODS = ("fp", "rtn", "gptq", "awq")
 MIN_BITS, MAX_BITS = 2, 8
 FULL_PRECISION = 16
 
 
 class ConfigError(ValueError):
     """A quantization config that can't be run; the message names the field."""
+
+
+@dataclass(frozen=True)
+class MethodParams:
+    """Base of every method's parameters: a frozen dataclass, so it is hashable and part of the
+    config's identity (defaults included: changing a default changes the cache key)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any] | None, where: str) -> "MethodParams":
+        raw = dict(raw or {})
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(fields))
+        if unknown:
+            allowed = ", ".join(fields) or "none"
+            raise ConfigError(f"{where}: unknown parameter(s) {', '.join(unknown)}; allowed: {allowed}")
+        for name, value in raw.items():
+            expected = getattr(fields[name].type, "__name__", fields[name].type)
+            kinds = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}.get(str(expected), (object,))
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                raise ConfigError(f"{where}: parameter {name} must be {expected}, got {value!r}")
+        return cls(**raw)
 
 
 @dataclass(frozen=True)
@@ -29,15 +57,17 @@ class QuantConfig:
     sym: bool = False
     layers: str = "all"          # all | first | middle | last (thirds of each stack) | "0-3" | "0,2,5"
     layer_types: str = "both"    # attention | mlp | both
-    params: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
+    params: MethodParams = MethodParams()         # the method's own typed parameters
 
     def __post_init__(self) -> None:
+        from quantizers.methods import get_method   # the registry imports this module
         where = f"config {self.name!r}"
-        if self.method not in METHODS:
-            raise ConfigError(f"{where}: unknown method {self.method!r}; known: {', '.join(METHODS)}")
-        if self.method == "fp" and (self.w_bits or self.a_bits):
-            raise ConfigError(f"{where}: method fp takes no bits")
-        if self.method != "fp" and not self.w_bits:
+        method = get_method(self.method, where)
+        if not isinstance(self.params, method.Params):
+            raise ConfigError(f"{where}: params must be {method.Params.__name__}, got {type(self.params).__name__}")
+        if not method.changes_weights and (self.w_bits or self.a_bits):
+            raise ConfigError(f"{where}: method {self.method} takes no bits")
+        if method.changes_weights and not self.w_bits:
             raise ConfigError(f"{where}: method {self.method} needs bits for at least one component")
         for component, bits in self.w_bits:
             if not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
@@ -70,7 +100,7 @@ class QuantConfig:
         """Everything that changes the quantized weights (not the display name)."""
         return {"method": self.method, "w_bits": list(self.w_bits), "a_bits": self.a_bits,
                 "group_size": self.group_size, "sym": self.sym, "layers": self.layers,
-                "layer_types": self.layer_types, "params": list(self.params)}
+                "layer_types": self.layer_types, "params": self.params.as_dict()}
 
     def hash(self, *extra: Any) -> str:
         blob = json.dumps([self.fingerprint(), *extra], sort_keys=True, default=str)
@@ -96,7 +126,17 @@ def layer_filter(spec: str, depth: int) -> set[int]:
     return chosen
 
 
+def group_width(in_features: int, group_size: int) -> int:
+    """Columns per quantization group: -1, or a group as wide as the row or wider, is one group
+    per output channel. The one place this rule lives (RTN, GPTQ, AWQ and the cache use it)."""
+    return in_features if group_size == -1 or group_size >= in_features else group_size
+
+
 def make_config(name: str, method: str, bits: Mapping[str, int] | None = None, **kwargs) -> QuantConfig:
-    params = kwargs.pop("params", None) or {}
+    """A QuantConfig from plain values; `params` is a mapping parsed into the method's type."""
+    from quantizers.methods import get_method
+    params = kwargs.pop("params", None)
+    if not isinstance(params, MethodParams):
+        params = get_method(method, f"config {name!r}").Params.parse(params, f"config {name!r}: params")
     return QuantConfig(name=name, method=method, w_bits=tuple(sorted((bits or {}).items())),
-                       params=tuple(sorted(params.items())), **kwargs)
+                       params=params, **kwargs)

@@ -12,24 +12,27 @@ from dataclasses import dataclass
 
 import torch
 
+from quantizers.config import group_width
+
 
 @dataclass
 class QuantizedTensor:
-    dequantized: torch.Tensor   # same shape and dtype as the input
-    codes: torch.Tensor         # uint8 integer codes, same shape
+    """A quantized weight in integer form: what every method produces and the cache stores.
+    dequantize(codes, scale, zero, group_index) rebuilds `dequantized` bit for bit."""
+    codes: torch.Tensor         # uint8 integer codes, (rows, cols)
     scale: torch.Tensor         # (rows, n_groups) float32
     zero: torch.Tensor          # (rows, n_groups) float32 (integer valued)
-    group_index: torch.Tensor | None = None  # (cols,) column -> group; None: consecutive groups
+    group_index: torch.Tensor   # (cols,) int64: column -> group (any mapping, e.g. act-order)
+    dequantized: torch.Tensor | None = None   # the weight's dtype; None when read from the cache
 
-    def column_groups(self, group_size: int) -> torch.Tensor:
-        cols = self.codes.shape[1]
-        return self.group_index if self.group_index is not None else plain_group_index(cols, group_size)
+    def cpu(self) -> "QuantizedTensor":
+        """The integer form on the host, as the cache stores it."""
+        return QuantizedTensor(self.codes.cpu(), self.scale.cpu(), self.zero.cpu(), self.group_index.cpu().long())
 
 
 def plain_group_index(in_features: int, group_size: int) -> torch.Tensor:
     """Column -> group for consecutive groups of group_size columns (-1: one group per row)."""
-    g = in_features if group_size == -1 or group_size >= in_features else group_size
-    return torch.arange(in_features) // g
+    return torch.arange(in_features) // group_width(in_features, group_size)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_index: torch.Tensor,
@@ -67,16 +70,17 @@ def fake_quantize(weight: torch.Tensor, bits: int, group_size: int = -1, sym: bo
     """Round-to-nearest on a (out_features, in_features) weight, per row or per column group.
     A last group narrower than group_size (in_features not a multiple) is its own group."""
     rows, cols = weight.shape
-    g = cols if group_size == -1 or group_size >= cols else group_size
+    g = group_width(cols, group_size)
     n_groups = -(-cols // g)
     # Zero padding is exact here: every grid already contains 0 (xmin <= 0 <= xmax).
     w = torch.nn.functional.pad(weight.detach().float(), (0, n_groups * g - cols))
     groups = w.reshape(rows * n_groups, g)
     scale, zero = grid_params(groups, bits, sym)
     codes, deq = quantize_with(groups, scale, zero, bits)
-    return QuantizedTensor(deq.reshape(rows, -1)[:, :cols].to(weight.dtype),
-                           codes.reshape(rows, -1)[:, :cols].to(torch.uint8),
-                           scale.reshape(rows, n_groups), zero.reshape(rows, n_groups))
+    return QuantizedTensor(codes.reshape(rows, -1)[:, :cols].to(torch.uint8),
+                           scale.reshape(rows, n_groups), zero.reshape(rows, n_groups),
+                           plain_group_index(cols, group_size).to(weight.device),
+                           deq.reshape(rows, -1)[:, :cols].to(weight.dtype))
 
 
 def fake_quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:

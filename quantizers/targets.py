@@ -4,6 +4,8 @@ Embeddings (nn.Embedding, the vision patch Conv2d) are never targets, and module
 marks as protected (lm_head) are targets only when a config names them as a component.
 Layer groups (`layers`) and types (`layer_types`) select blocks of a component's stack of
 transformer layers; a component without such a stack (the LLaVA projector) is taken whole.
+The stack and which Linears are attention come from the model adapter (its block_stack and
+layout), never from module-name guesses here.
 """
 from __future__ import annotations
 
@@ -13,28 +15,12 @@ from torch import nn
 
 from quantizers.config import ConfigError, QuantConfig, layer_filter
 
-# Which Linears count as attention or MLP, by the module names the supported families use.
-_ATTENTION = ("self_attn", "attention", "crossattention")
-
-
 @dataclass(frozen=True)
 class Target:
     name: str          # qualified name in the model
     component: str
     module: nn.Linear
     bits: int
-
-
-def block_stack(component: nn.Module) -> tuple[str, list[nn.Module]]:
-    """The longest nn.ModuleList inside a component (its transformer layers), as
-    (relative prefix, blocks); the whole component when it has none."""
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, module in component.named_modules():
-        if isinstance(module, nn.ModuleList) and (best is None or len(module) > len(best[1])):
-            best = (name, module)
-    if best is None:
-        return "", [component]
-    return best[0], list(best[1])
 
 
 def select_targets(adapter, config: QuantConfig) -> list[Target]:
@@ -48,7 +34,8 @@ def select_targets(adapter, config: QuantConfig) -> list[Target]:
     for component, bits in config.w_bits:
         prefix = components[component]
         root = adapter.model.get_submodule(prefix)
-        stack, blocks = block_stack(root)
+        stack, blocks = adapter.block_stack(component)
+        layout = adapter.layout(component)
         chosen = layer_filter(config.layers, len(blocks)) if stack else None
         for sub_name, module in root.named_modules():
             name = f"{prefix}.{sub_name}" if sub_name else prefix
@@ -57,7 +44,7 @@ def select_targets(adapter, config: QuantConfig) -> list[Target]:
             if any(name == p or name.startswith(p + ".") for p in protected) and prefix not in protected:
                 continue
             if chosen is not None and not _selected(sub_name, stack, chosen, config.layer_types,
-                                                   config.layers == "all"):
+                                                   config.layers == "all", layout):
                 continue
             targets.append(Target(name, component, module, bits))
     if not targets:
@@ -66,7 +53,8 @@ def select_targets(adapter, config: QuantConfig) -> list[Target]:
     return targets
 
 
-def _selected(sub_name: str, stack: str, chosen: set[int], layer_types: str, layers_all: bool) -> bool:
+def _selected(sub_name: str, stack: str, chosen: set[int], layer_types: str, layers_all: bool,
+              layout) -> bool:
     """Layer groups and types apply to the blocks of a stack; Linears outside the stack
     (e.g. a final projection) are kept only when every block is selected."""
     head, _, rest = sub_name.partition(stack + ".")
@@ -75,5 +63,5 @@ def _selected(sub_name: str, stack: str, chosen: set[int], layer_types: str, lay
         return layers_all and layer_types == "both"
     if int(index) not in chosen:
         return False
-    is_attention = any(part in _ATTENTION for part in inner.split("."))
+    is_attention = layout.is_attention(inner)
     return layer_types == "both" or (layer_types == "attention") == is_attention

@@ -43,6 +43,20 @@ CSV_COLUMNS: tuple[str, ...] = (
 
 STATUSES: tuple[str, ...] = ("passed", "failed", "error", "skipped")
 
+
+def metric_rows(common: dict[str, object], metrics: dict[str, float], fp_metrics: dict[str, float],
+                primary_metric: str, higher_is_better: bool, measured: dict[str, object]) -> list[dict[str, object]]:
+    """One row per metric of a finished test: `common` (who, what, where), the value beside the
+    FP value of the same metric, and `measured` (n_samples, bpw, timings, memory)."""
+    rows = []
+    for metric, value in metrics.items():
+        fp = fp_metrics.get(metric)
+        rows.append({**common, "metric": metric, "value": value, "primary": metric == primary_metric,
+                     "higher_is_better": higher_is_better, "fp_value": fp,
+                     "delta": None if fp is None else value - fp,
+                     "rel_delta": (value - fp) / fp if fp else None, **measured})
+    return rows
+
 # Booleans are spelled in lower case so the files read the same in any tool.
 TRUE_TEXT = "true"
 FALSE_TEXT = "false"

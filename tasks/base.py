@@ -6,6 +6,8 @@ adapter for predictions, and scores them. It never knows which quantizer ran.
 from __future__ import annotations
 
 import json
+import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -60,6 +62,26 @@ def karpathy_sentences(entry: dict, where: str) -> list[str]:
     if not sentences:
         raise DataError(f"{where}: no sentences")
     return sentences
+
+
+def seeded_indices(n: int, k: int, seed: int) -> list[int]:
+    """k of range(n), chosen with a seeded RNG and returned in order: a subset that is the same on
+    every machine and keeps the file's order (real files are ordered by image, so never the head)."""
+    return sorted(random.Random(seed).sample(range(n), min(k, n)))
+
+
+def seeded_subset(samples: Sequence, limit: int, seed: int) -> Sequence:
+    """`limit` samples by seeded_indices; all of them when there are no more than that."""
+    if limit >= len(samples):
+        return samples
+    return [samples[i] for i in seeded_indices(len(samples), limit, seed)]
+
+
+def percent_by_group(groups: dict[str, list], prefix: str) -> dict[str, float]:
+    """{prefix + group: mean score in %} for each non-empty group name. Names become one token
+    for CSVs and marks: "natural science" -> <prefix>natural_science, "yes/no" -> <prefix>yes_no."""
+    return {f"{prefix}{re.sub(r'[ +/]', '_', key)}": 100.0 * sum(values) / len(values)
+            for key, values in sorted(groups.items()) if key}
 
 
 def batched(items: Sequence, size: int) -> Iterator[Sequence]:

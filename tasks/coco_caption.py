@@ -25,7 +25,9 @@ from typing import Any, Callable, Hashable
 
 from PIL import Image
 
-from tasks.base import DataError, DataMissing, LazyImage, TaskResult, generate_replies, karpathy_sentences, load_hf_rows, open_image, read_json, require
+from tasks.base import (DataError, DataMissing, LazyImage, TaskResult, generate_replies, karpathy_sentences, load_hf_rows,
+                        open_image, read_json, require)
+from tasks.registry import TaskDef, register_task
 
 NAME = "coco_caption"
 PRIMARY_METRIC = "CIDEr"
@@ -168,10 +170,10 @@ def load_hf(dataset: str, split: str, revision: str | None = None) -> list[Capti
 # -- evaluation --------------------------------------------------------------------------------
 def evaluate(adapter: Any, samples: list[CaptionSample], batch_size: int = 32,
              progress: bool = True) -> TaskResult:
-    """Greedy captions (adapter.caption_prompt, adapter.generate) scored with caption_scores."""
+    """Greedy captions (the adapter's caption prompt, adapter.generate) scored with caption_scores."""
     require_java()
     logs: list[dict[str, Any]] = []
-    replies = generate_replies(adapter, samples, lambda _: adapter.caption_prompt(), MAX_NEW_TOKENS,
+    replies = generate_replies(adapter, samples, lambda _: adapter.prompt("caption"), MAX_NEW_TOKENS,
                                batch_size, NAME, progress, unit="img")
     for sample, prompt, prediction in replies:
         logs.append({"image_id": sample.image_id, "prompt": prompt,
@@ -185,3 +187,9 @@ def evaluate(adapter: Any, samples: list[CaptionSample], batch_size: int = 32,
     scores = caption_scores(predictions, {entry["image_id"]: entry["references"] for entry in logs})
     metrics = {name: value for name, value in scores.items() if not math.isnan(value)}
     return TaskResult(metrics, PRIMARY_METRIC, True, len(logs), logs)
+
+
+TASK = register_task(TaskDef(
+    name=NAME, folder="coco", default_split="test", requests=("caption",),
+    primary_metric=PRIMARY_METRIC, higher_is_better=True, load_official=load_official, load_hf=load_hf,
+    evaluate=evaluate, sample_id="image_id"))

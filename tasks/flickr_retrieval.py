@@ -17,9 +17,9 @@ its top K), img_r1/5/10 text->image, txt_r_mean, img_r_mean, r_mean (primary).
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Callable
 
 import numpy as np
@@ -27,7 +27,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from tasks.base import DataError, DataMissing, LazyImage, TaskResult, batched, karpathy_sentences, open_image, read_json, require
+from tasks.base import (DataError, DataMissing, LazyImage, TaskResult, batched, karpathy_sentences, open_image, read_json,
+                        require, seeded_indices)
+from tasks.registry import TaskDef, register_task
 
 NAME = "flickr_retrieval"
 PRIMARY_METRIC = "r_mean"
@@ -170,8 +172,7 @@ def subset(data: RetrievalSet, limit: int, seed: int) -> RetrievalSet:
     gallery shrinks: compare only runs of the same limit."""
     if limit >= len(data.images):
         return data
-    keep = sorted(random.Random(seed).sample(range(len(data.images)), limit))
-    return RetrievalSet([data.images[i] for i in keep])
+    return RetrievalSet([data.images[i] for i in seeded_indices(len(data.images), limit, seed)])
 
 
 def load_hf(dataset: str, split: str, revision: str | None = None) -> RetrievalSet:
@@ -241,3 +242,9 @@ def evaluate(adapter: Any, data: RetrievalSet | list[FlickrImage], k_test: int =
     logs += [{"direction": "text->image", "image_id": data.images[data.txt2img[t]].image_id,
               "text": text, "rank": int(text_ranks[t]) + 1} for t, text in enumerate(data.texts)]
     return TaskResult(metrics, PRIMARY_METRIC, True, n_images, logs)
+
+
+TASK = register_task(TaskDef(
+    name=NAME, folder="flickr30k", default_split="test", requests=("retrieval",),
+    primary_metric=PRIMARY_METRIC, higher_is_better=True, load_official=load_official, load_hf=load_hf,
+    evaluate=evaluate, sample_id="image_id", options=MappingProxyType({"k_test": 128}), subset=subset))

@@ -24,7 +24,9 @@ from typing import Any, Callable
 
 from PIL import Image
 
-from tasks.base import DataError, LazyImage, TaskResult, generate_replies, load_hf_rows, open_image, read_json, require
+from tasks.base import (DataError, LazyImage, TaskResult, generate_replies, load_hf_rows, open_image, percent_by_group,
+                        read_json, require)
+from tasks.registry import TaskDef, register_task
 
 NAME = "scienceqa"
 PRIMARY_METRIC = "accuracy"
@@ -146,12 +148,6 @@ def load_hf(dataset: str, split: str, revision: str | None = None,
     return samples
 
 
-def _percent_correct(groups: dict[str, list[bool]], prefix: str) -> dict[str, float]:
-    # Keys stay one token in CSVs and marks: "natural science" -> accuracy_natural_science.
-    return {f"{prefix}{re.sub(r'[ +/]', '_', key)}": 100.0 * sum(hits) / len(hits)
-            for key, hits in sorted(groups.items()) if key}
-
-
 def evaluate(adapter: Any, samples: list[ScienceQASample], batch_size: int = 32,
              progress: bool = True) -> TaskResult:
     """Greedy option letters for every sample; accuracy (in %) overall, per subject, per
@@ -159,7 +155,8 @@ def evaluate(adapter: Any, samples: list[ScienceQASample], batch_size: int = 32,
     logs: list[dict[str, Any]] = []
     by_subject: dict[str, list[bool]] = defaultdict(list)
     by_context: dict[str, list[bool]] = defaultdict(list)
-    replies = generate_replies(adapter, samples, lambda s: adapter.choice_prompt(s.question, s.choices, s.hint),
+    replies = generate_replies(adapter, samples, lambda s: adapter.prompt("multiple_choice", question=s.question,
+                                                                   choices=s.choices, hint=s.hint),
                                MAX_NEW_TOKENS, batch_size, NAME, progress)
     for sample, prompt, prediction in replies:
         parsed = parse_choice(prediction, len(sample.choices))
@@ -173,6 +170,12 @@ def evaluate(adapter: Any, samples: list[ScienceQASample], batch_size: int = 32,
     n = len(logs)
     metrics = {"accuracy": 100.0 * sum(entry["correct"] for entry in logs) / n,
                "parse_failures": 100.0 * sum(entry["parsed"] is None for entry in logs) / n}
-    metrics.update(_percent_correct(by_subject, "accuracy_"))
-    metrics.update(_percent_correct(by_context, "accuracy_"))
+    metrics.update(percent_by_group(by_subject, "accuracy_"))
+    metrics.update(percent_by_group(by_context, "accuracy_"))
     return TaskResult(metrics, PRIMARY_METRIC, True, n, logs)
+
+
+TASK = register_task(TaskDef(
+    name=NAME, folder="scienceqa", default_split="test", requests=("multiple_choice",),
+    primary_metric=PRIMARY_METRIC, higher_is_better=True, load_official=load_official, load_hf=load_hf,
+    evaluate=evaluate, sample_id="pid"))

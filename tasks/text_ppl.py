@@ -15,6 +15,7 @@ from typing import Any
 
 from tasks import coco_caption
 from tasks.base import DataError, DataMissing, TaskResult
+from tasks.registry import TaskDef, register_task
 
 NAME = "text_ppl"
 PRIMARY_METRIC = "word_perplexity"
@@ -78,3 +79,9 @@ def evaluate(adapter: Any, texts: list[str], batch_size: int = 32, progress: boo
                if name.endswith(",none") and "stderr" not in name}
     return TaskResult(metrics, PRIMARY_METRIC, False, len(texts),
                       [{"text": t} for t in texts[:20]])   # the texts; scores are corpus-level
+
+
+TASK = register_task(TaskDef(
+    name=NAME, folder="coco", default_split="test", requests=("text_likelihood",),
+    primary_metric=PRIMARY_METRIC, higher_is_better=False, load_official=load_official, load_hf=load_hf,
+    evaluate=evaluate, sample_id="text"))

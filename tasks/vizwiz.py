@@ -20,7 +20,9 @@ from typing import Any, Callable
 
 from PIL import Image
 
-from tasks.base import DataError, LazyImage, TaskResult, generate_replies, load_hf_rows, open_image, read_json, require
+from tasks.base import (DataError, LazyImage, TaskResult, generate_replies, load_hf_rows, open_image, percent_by_group,
+                        read_json, require)
+from tasks.registry import TaskDef, register_task
 from tasks.vqa_eval import normalize_answer, vqa_accuracy
 
 NAME = "vizwiz"
@@ -132,11 +134,6 @@ def load_hf(dataset: str, split: str, revision: str | None = None) -> list[VizWi
     return samples
 
 
-def _percent(groups: dict[str, list[float]], prefix: str) -> dict[str, float]:
-    return {f"{prefix}{key.replace('/', '_').replace(' ', '_')}": 100.0 * sum(v) / len(v)
-            for key, v in sorted(groups.items()) if key}
-
-
 def _detection_metrics(predictions: list[str], samples: list[VizWizSample]) -> dict[str, float]:
     # Without an unanswerable question, F1 and AP are undefined: the keys are left out, not 0.
     labels = [not s.answerable for s in samples]
@@ -156,7 +153,7 @@ def evaluate(adapter: Any, samples: list[VizWizSample], batch_size: int = 32,
     logs: list[dict[str, Any]] = []
     by_type: dict[str, list[float]] = defaultdict(list)
     by_answerable: dict[str, list[float]] = defaultdict(list)
-    replies = generate_replies(adapter, samples, lambda s: adapter.unanswerable_prompt(s.question),
+    replies = generate_replies(adapter, samples, lambda s: adapter.prompt("short_answer_or_unanswerable", question=s.question),
                                MAX_NEW_TOKENS, batch_size, NAME, progress)
     for sample, _, prediction in replies:
         score = vqa_accuracy(prediction, sample.answers)
@@ -168,7 +165,13 @@ def evaluate(adapter: Any, samples: list[VizWizSample], batch_size: int = 32,
         raise DataError("vizwiz: no samples to evaluate")
     scores = [entry["score"] for entry in logs]
     metrics = {"accuracy": 100.0 * sum(scores) / len(scores)}
-    metrics.update(_percent(by_type, "accuracy_type_"))
-    metrics.update(_percent(by_answerable, "accuracy_"))
+    metrics.update(percent_by_group(by_type, "accuracy_type_"))
+    metrics.update(percent_by_group(by_answerable, "accuracy_"))
     metrics.update(_detection_metrics([entry["prediction"] for entry in logs], samples))
     return TaskResult(metrics, PRIMARY_METRIC, True, len(logs), logs)
+
+
+TASK = register_task(TaskDef(
+    name=NAME, folder="vizwiz", default_split="val", requests=("short_answer_or_unanswerable",),
+    primary_metric=PRIMARY_METRIC, higher_is_better=True, load_official=load_official, load_hf=load_hf,
+    evaluate=evaluate, sample_id="image"))

@@ -15,7 +15,9 @@ from typing import Any, Callable
 
 from PIL import Image
 
-from tasks.base import DataError, LazyImage, TaskResult, generate_replies, load_hf_rows, open_image, read_json, require
+from tasks.base import (DataError, LazyImage, TaskResult, generate_replies, load_hf_rows, open_image, percent_by_group,
+                        read_json, require)
+from tasks.registry import TaskDef, register_task
 from tasks.vqa_eval import vqa_accuracy
 
 NAME = "vqav2"
@@ -89,7 +91,7 @@ def evaluate(adapter: Any, samples: list[VQASample], batch_size: int = 32,
     """Greedy short answers for every sample, scored with the official VQA accuracy (in %)."""
     logs: list[dict[str, Any]] = []
     by_type: dict[str, list[float]] = defaultdict(list)
-    replies = generate_replies(adapter, samples, lambda s: adapter.vqa_prompt(s.question), MAX_NEW_TOKENS,
+    replies = generate_replies(adapter, samples, lambda s: adapter.prompt("short_answer", question=s.question), MAX_NEW_TOKENS,
                                batch_size, NAME, progress)
     for sample, prompt, prediction in replies:
         score = vqa_accuracy(prediction, sample.answers)
@@ -99,8 +101,12 @@ def evaluate(adapter: Any, samples: list[VQASample], batch_size: int = 32,
     if not logs:
         raise DataError("vqav2: no samples to evaluate")
     scores = [entry["score"] for entry in logs]
-    metrics = {"accuracy": 100.0 * sum(scores) / len(scores)}
-    for answer_type, values in sorted(by_type.items()):
-        if answer_type:
-            metrics[f"accuracy_{answer_type.replace('/', '_')}"] = 100.0 * sum(values) / len(values)
+    metrics = {"accuracy": 100.0 * sum(scores) / len(scores), **percent_by_group(by_type, "accuracy_")}
     return TaskResult(metrics, PRIMARY_METRIC, True, len(logs), logs)
+
+
+TASK = register_task(TaskDef(
+    name=NAME, folder="vqav2", default_split="val", requests=("short_answer",),
+    primary_metric=PRIMARY_METRIC, higher_is_better=True, load_official=load_official, load_hf=load_hf,
+    evaluate=evaluate, sample_id="question_id",
+    calibration_pair=lambda sample: (sample.question, sample.multiple_choice_answer)))

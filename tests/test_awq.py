@@ -8,6 +8,7 @@ from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from quantizers import awq
+from fixtures.adapters.layouts import CLIP, LLAMA
 from quantizers.folds import norm_linear_pairs
 from quantizers.primitives import fake_quantize
 
@@ -55,7 +56,7 @@ def test_folds_preserve_a_llama_decoder_layer():
         return layer(h, attention_mask=None, position_embeddings=position_embeddings)
 
     before = run()
-    folds = norm_linear_pairs(layer)
+    folds = norm_linear_pairs(layer, LLAMA)
     assert [f.name for f in folds] == ["input_layernorm", "post_attention_layernorm"]
     for i, fold in enumerate(folds):
         awq.fold_into_norm(fold.norm, fold.linears, _positive_scale(64, 10 + i))
@@ -76,7 +77,7 @@ def test_folds_preserve_a_clip_encoder_layer():
     _randomize_norms(layer, 3)
     h = torch.randn(2, 9, 64, generator=_gen(4))
     before = layer(h, attention_mask=None)
-    folds = norm_linear_pairs(layer)
+    folds = norm_linear_pairs(layer, CLIP)
     assert [f.name for f in folds] == ["layer_norm1", "layer_norm2"]
     for i, fold in enumerate(folds):
         awq.fold_into_norm(fold.norm, fold.linears, _positive_scale(64, 30 + i))

@@ -9,11 +9,12 @@ from transformers import AutoProcessor, Blip2ForConditionalGeneration, Blip2ForI
 
 from fixtures.adapters.base import FAMILIES
 from fixtures.adapters.blip2 import Blip2Adapter, Blip2RetrievalAdapter
-from fixtures.tiny.blip2_tiny import (TinyBlip2Size, build_generative, build_processor, build_retrieval,
+from fixtures.training.blip2_tiny import (TinyBlip2Size, build_generative, build_processor, build_retrieval,
                                       build_tokenizer, parameter_count, vocabulary)
-from fixtures.tiny.outliers import OutlierSpec, add_weight_outliers
-from fixtures.tiny.train_blip2 import encode_lm, init_from_retrieval, plant_outliers
+from fixtures.training.outliers import OutlierSpec, add_weight_outliers
+from fixtures.training.train_blip2 import encode_lm, init_from_retrieval, plant_outliers
 from fixtures.world.scenes import COLORS, POSITIONS, SHAPES, SIZES, render, sample_scene
+from fixtures.adapters.layouts import ALL_KNOWN
 from quantizers.folds import norm_linear_pairs
 
 CPU = torch.device("cpu")
@@ -91,12 +92,12 @@ def test_generative_adapter_components_resolve(generative):
         generative.component(name)
     assert generative.component("lm_head") is generative.model.get_output_embeddings()
     assert set(generative.quantizable) <= set(generative.components)
-    assert generative.vqa_prompt("is it red?") == "Question: is it red? Short answer:"
-    assert generative.caption_prompt() == "a photo of"
+    assert generative.prompt("short_answer", question="is it red?") == "Question: is it red? Short answer:"
+    assert generative.prompt("caption") == "a photo of"
 
 
 def test_generate_batched_equals_batch_size_one(generative, images):
-    prompts = [generative.vqa_prompt(q) for q in QUESTIONS[:5]] + [generative.caption_prompt()]
+    prompts = [generative.prompt("short_answer", question=q) for q in QUESTIONS[:5]] + [generative.prompt("caption")]
     batched = generative.generate(images, prompts, max_new_tokens=6)
     single = [generative.generate([im], [p], max_new_tokens=6)[0] for im, p in zip(images, prompts)]
     assert all(isinstance(text, str) for text in batched)
@@ -119,7 +120,7 @@ def test_generative_inputs_put_query_placeholders_first(generative, images):
 def test_training_layout_matches_the_processor(generative, images):
     """train_blip2 pre-encodes rows itself; they must be what the processor gives, and only the
     target and EOS may carry labels."""
-    prompts = [generative.vqa_prompt(QUESTIONS[0]), generative.caption_prompt()]
+    prompts = [generative.prompt("short_answer", question=QUESTIONS[0]), generative.prompt("caption")]
     targets = ["red", CAPTIONS[0]]
     examples = encode_lm(generative, prompts, targets, [0, 1])
     eos = generative.processor.tokenizer.eos_token
@@ -192,21 +193,21 @@ EXACT_FOLDS = ("vision_model.encoder.layers.{i}.layer_norm1", "vision_model.enco
 def test_folds_cover_blip2_vision_mlp_and_nothing_inexact(generative):
     layers = range(max(TinyBlip2Size.vision_layers, TinyBlip2Size.text_layers))
     exact = {pattern.format(i=i) for pattern in EXACT_FOLDS for i in layers}
-    covered = {fold.name for fold in norm_linear_pairs(generative.model)}
+    covered = {fold.name for fold in norm_linear_pairs(generative.model, ALL_KNOWN)}
     vision_mlp = {f"vision_model.encoder.layers.{i}.layer_norm2" for i in range(TinyBlip2Size.vision_layers)}
     assert vision_mlp <= covered <= exact
 
 
 def test_outliers_leave_generative_logits_unchanged(generative, images):
     model = generative.model
-    probe = generative.model_inputs(images, [generative.vqa_prompt(q) for q in QUESTIONS])
+    probe = generative.model_inputs(images, [generative.prompt("short_answer", question=q) for q in QUESTIONS])
     before = {n: p.clone() for n, p in model.named_parameters()}
     change = add_weight_outliers(model, OutlierSpec(channels=2, factor=16.0, seed=0), probe=probe)
     assert change < 1e-5
     # Only the folded norms and the Linears they feed were touched.
     names = {m: n for n, m in model.named_modules()}
     allowed = set()
-    for fold in norm_linear_pairs(model):
+    for fold in norm_linear_pairs(model, ALL_KNOWN):
         allowed |= {f"{fold.name}.weight", f"{fold.name}.bias"} | {f"{names[m]}.weight" for m in fold.linears}
     changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
     assert changed and changed <= allowed

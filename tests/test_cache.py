@@ -13,7 +13,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from quantizers.cache import (QuantCache, QuantEntry, QuantizedWeight, apply_entry, cache_key, dequantize,
+from quantizers.cache import (QuantCache, QuantEntry, QuantizedTensor, apply_entry, cache_key, dequantize,
                               model_fingerprint, plain_group_index)
 from quantizers.primitives import fake_quantize
 
@@ -36,11 +36,11 @@ def quantize_in_place(model: nn.Module) -> QuantEntry:
         weight = model.get_submodule(name).weight
         q = fake_quantize(weight, bits=3, group_size=16)
         weight.copy_(q.dequantized)
-        entry.weights[f"{name}.weight"] = QuantizedWeight(q.codes, q.scale, q.zero,
+        entry.weights[f"{name}.weight"] = QuantizedTensor(q.codes, q.scale, q.zero,
                                                           plain_group_index(weight.shape[1], 16))
     model[1].weight.mul_(torch.linspace(0.5, 2.0, 32, dtype=model[1].weight.dtype))
     entry.raw["1.weight"] = model[1].weight.clone()
-    entry.buffers["0.awq_input_scale"] = torch.linspace(1.0, 3.0, 64)
+    entry.state["0.awq_input_scale"] = torch.linspace(1.0, 3.0, 64)
     return entry
 
 
@@ -54,7 +54,7 @@ def saved(tmp_path: Path) -> tuple[QuantCache, QuantEntry]:
 def entry_digest(entry: QuantEntry) -> str:
     """A digest of every tensor and the meta, to compare entries across processes."""
     digest = hashlib.sha256(json.dumps(entry.meta, sort_keys=True).encode())
-    tensors = {f"b/{k}": v for k, v in entry.buffers.items()} | {f"r/{k}": v for k, v in entry.raw.items()}
+    tensors = {f"b/{k}": v for k, v in entry.state.items()} | {f"r/{k}": v for k, v in entry.raw.items()}
     for name, w in entry.weights.items():
         tensors.update({f"w/{name}/{part}": getattr(w, part) for part in ("codes", "scale", "zero", "group_index")})
     for name in sorted(tensors):
@@ -79,7 +79,7 @@ def test_round_trip_restores_bit_identical_weights(tmp_path, dtype):
         assert restored.dtype == dtype and torch.equal(restored, expected), name
         assert name.endswith("bias") or not torch.equal(restored, before), name  # it did change
     assert loaded.meta == META
-    assert torch.equal(loaded.buffers["0.awq_input_scale"], entry.buffers["0.awq_input_scale"])
+    assert torch.equal(loaded.state["0.awq_input_scale"], entry.state["0.awq_input_scale"])
     assert all(torch.equal(loaded.weights[n].codes, w.codes) for n, w in entry.weights.items())
 
 
@@ -87,7 +87,7 @@ def test_round_trip_restores_bit_identical_weights(tmp_path, dtype):
 def test_codes_survive_packing_with_an_odd_width_and_any_group_mapping(tmp_path, bits):
     codes = torch.randint(0, 2 ** bits, (5, 33), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     group_index = torch.randperm(33, generator=torch.Generator().manual_seed(2)) % 3  # act-order style
-    weight = QuantizedWeight(codes, torch.rand(5, 3) + 0.1, torch.randint(0, 2 ** bits, (5, 3)).float(), group_index)
+    weight = QuantizedTensor(codes, torch.rand(5, 3) + 0.1, torch.randint(0, 2 ** bits, (5, 3)).float(), group_index)
     cache = QuantCache(tmp_path)
     cache.save(KEY, QuantEntry(weights={"w": weight}))
     names = safetensors.torch.load(cache.path(KEY).read_bytes()).keys()

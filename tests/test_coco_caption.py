@@ -75,7 +75,7 @@ def test_missing_java_is_one_clear_error_before_any_generation(monkeypatch):
     monkeypatch.setenv("PATH", "")
 
     class NeverGenerates:
-        def caption_prompt(self):
+        def prompt(self, kind, **fields):
             raise AssertionError("evaluate generated captions before checking for Java")
 
     with pytest.raises(RuntimeError, match="no `java` is on PATH"):
@@ -196,7 +196,8 @@ class FixedCaptioner:
     def __init__(self):
         self.calls = []
 
-    def caption_prompt(self):
+    def prompt(self, kind, **fields):
+        assert kind == "caption" and not fields
         return "Caption:"
 
     def generate(self, images, prompts, max_new_tokens):

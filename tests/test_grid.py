@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.grid import GridError, load_grid
+from fixtures.runtime.grid import GridError, load_grid
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = """

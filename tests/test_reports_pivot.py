@@ -12,7 +12,7 @@ from reports.pivot import format_tables, uniform_bits
 
 
 def row(config: str, method: str, components: str, w_bits: str, value: float, **overrides) -> dict:
-    """A passed primary row, spelt the way fixtures/bench.py writes one."""
+    """A passed primary row, spelt the way the runtime session writes one."""
     fp_value = 95.0
     base = {
         "run_id": "run1",

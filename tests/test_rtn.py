@@ -10,6 +10,7 @@ from fixtures.adapters import load_adapter
 from quantizers import api
 from quantizers.bpw import LayerRecord, bits_per_weight
 from quantizers.config import ConfigError, make_config
+from quantizers.methods import get_method
 from quantizers.primitives import fake_quantize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,16 +81,17 @@ def test_every_targeted_linear_changes_and_nothing_else(tiny):
 
 
 def test_a_layer_silently_skipped_is_caught(tiny, monkeypatch):
-    original = api.rtn.quantize_targets
-    monkeypatch.setattr(api.rtn, "quantize_targets", lambda targets, config: original(targets[1:], config))
+    rtn = get_method("rtn")
+    original = rtn.quantize
+    monkeypatch.setattr(rtn, "quantize", lambda adapter, targets, *args: original(adapter, targets[1:], *args))
     with pytest.raises(api.CoverageError, match="targeted but unchanged"):
         api.quantize(copy.deepcopy(tiny), make_config("q", "rtn", {"connector": 4}))
 
 
-def test_unknown_component_and_unimplemented_method(tiny):
+def test_unknown_component_and_unknown_method(tiny):
     with pytest.raises(ConfigError, match="no component 'qformer'"):
         api.quantize(copy.deepcopy(tiny), make_config("q", "rtn", {"qformer": 4}))
-    with pytest.raises(ConfigError, match="not implemented yet"):
-        api.quantize(copy.deepcopy(tiny), make_config("q", "qvlm", {"language": 4}))
+    with pytest.raises(ConfigError, match="unknown method 'qvlm'; known: "):
+        make_config("q", "qvlm", {"language": 4})
     with pytest.raises(ConfigError, match="needs calibration data"):
         api.quantize(copy.deepcopy(tiny), make_config("q", "gptq", {"language": 4}))

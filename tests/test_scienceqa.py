@@ -120,7 +120,8 @@ class FakeAdapter:
         self.replies = replies
         self.batches = []
 
-    def choice_prompt(self, question, choices, hint=""):
+    def prompt(self, kind, question, choices, hint=""):
+        assert kind == "multiple_choice"
         return f"{hint}|{question}|{'/'.join(choices)}"
 
     def generate(self, images, prompts, max_new_tokens):

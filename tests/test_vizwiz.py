@@ -110,7 +110,8 @@ class FakeAdapter:
     def __init__(self, replies):
         self.replies = replies
 
-    def unanswerable_prompt(self, question):
+    def prompt(self, kind, question):
+        assert kind == "short_answer_or_unanswerable"
         return f"<{question}>"
 
     def generate(self, images, prompts, max_new_tokens):

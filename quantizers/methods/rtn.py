@@ -1,0 +1,22 @@
+"""RTN: round-to-nearest on a min-max grid per output channel or per group; no calibration."""
+from __future__ import annotations
+
+import torch
+
+from quantizers.methods import Method, QuantOutput, register_method
+from quantizers.primitives import fake_quantize
+
+
+@register_method
+class RTN(Method):
+    name = "rtn"
+
+    @torch.no_grad()
+    def quantize(self, adapter, targets, config, batches=None, progress=False) -> QuantOutput:
+        out = QuantOutput()
+        for target in targets:
+            weight = target.module.weight
+            result = fake_quantize(weight, target.bits, config.group_size, config.sym)
+            weight.copy_(result.dequantized)
+            out.add(target.name, target.component, target.bits, result, config.sym)
+        return out

@@ -1,0 +1,193 @@
+"""The calibration walker shared by the calibrated methods (GPTQ, AWQ, and Q-VLM/QIG to come).
+
+For each component, in the model's forward order (vision, then Q-Former/connector, then
+language): run the whole model on the calibration batches and catch the inputs of the
+component's first block (so they already pass through every component quantized before it);
+then window by window (one block by default, or several consecutive blocks): let the method
+gather its statistics from the window's inputs, quantize the window, recompute the window's
+outputs with its quantized weights, and feed those to the next window. A component without a
+stack of blocks (the LLaVA projector) is one block.
+
+What a method can ask of the walker:
+- `window`: how many consecutive blocks it quantizes together (Q-VLM's blocks of up to 3 layers);
+- `grad`: run the window's forward passes with autograd on (methods that optimize through it);
+- per-token weights: `walk(..., token_weights=[one tensor per batch])` travels beside each
+  batch's block inputs and reaches the method's input callbacks (QIG's weighted Hessian);
+- Feed.gather(): Linears that read the very same input tensor (q/k/v, gate/up) are reported as
+  one group with that input once, so a statistic shared by the group is computed once.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from quantizers.targets import Target
+
+
+class _Caught(Exception):
+    """Raised from a pre-hook to stop the forward pass once the block's inputs are caught."""
+
+
+@dataclass
+class BlockInput:
+    """What one calibration batch feeds a block: its positional and keyword arguments, and the
+    optional per-token weights that travel with it."""
+    args: tuple
+    kwargs: dict
+    token_weights: torch.Tensor | None = None
+
+
+@dataclass
+class Block:
+    component: str
+    name: str                  # qualified module name
+    module: nn.Module
+    targets: list[Target]
+
+
+@dataclass
+class Window:
+    """Consecutive blocks of one component, quantized together."""
+    component: str
+    blocks: list[Block]
+    layout: Any = None          # the component's quantizers.folds.BlockLayout
+
+    @property
+    def targets(self) -> list[Target]:
+        return [t for block in self.blocks for t in block.targets]
+
+
+InputCallback = Callable[[list[Target], torch.Tensor, "torch.Tensor | None"], None]
+
+
+@dataclass
+class Feed:
+    """The window's calibration inputs, and ways for a method to run the window on them."""
+    window: Window
+    inputs: list[BlockInput]
+    grad: bool = False
+    _groups: list[list[Target]] | None = field(default=None, repr=False)
+
+    def run(self) -> list[torch.Tensor]:
+        """The window's outputs for every batch (forward hooks the method registered see them)."""
+        with nullcontext() if self.grad else torch.no_grad():
+            return [run_window(self.window, item) for item in self.inputs]
+
+    def gather(self, targets: list[Target], on_input: InputCallback) -> None:
+        """Run the window once; for each batch and each distinct input tensor that reaches the
+        targets, call on_input(targets reading it, x, token_weights or None) once."""
+        seen: list[tuple[Target, torch.Tensor]] = []
+        handles = [t.module.register_forward_hook(lambda m, args, out, t=t: seen.append((t, args[0])))
+                   for t in targets]
+        try:
+            with nullcontext() if self.grad else torch.no_grad():
+                for item in self.inputs:
+                    seen.clear()
+                    run_window(self.window, item)
+                    for group, x in _by_input(seen):
+                        on_input(group, x, _row_weights(item.token_weights, x))
+        finally:
+            for handle in handles:
+                handle.remove()
+        seen.clear()
+
+
+def _by_input(seen: list[tuple[Target, torch.Tensor]]) -> list[tuple[list[Target], torch.Tensor]]:
+    """Group the (target, input) pairs of one forward pass by the identity of the input tensor."""
+    groups: dict[int, tuple[list[Target], torch.Tensor]] = {}
+    for target, x in seen:
+        groups.setdefault(id(x), ([], x))[0].append(target)
+    return list(groups.values())
+
+
+def _row_weights(weights: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """Per-token weights as one value per input row, when they match x's leading dimensions."""
+    if weights is None or tuple(weights.shape) != tuple(x.shape[:-1]):
+        return None
+    return weights.reshape(-1)
+
+
+def blocks_of(adapter, component: str, targets: list[Target]) -> list[Block]:
+    prefix = adapter.components[component]
+    relative, modules = adapter.block_stack(component)
+    blocks = []
+    for index, module in enumerate(modules):
+        name = f"{prefix}.{relative}.{index}" if relative else prefix
+        mine = [t for t in targets if t.name == name or t.name.startswith(name + ".")]
+        blocks.append(Block(component, name, module, mine))
+    return blocks
+
+
+def catch_inputs(model: nn.Module, block: nn.Module, batches: Iterable[dict],
+                 token_weights: list[torch.Tensor] | None = None) -> list[BlockInput]:
+    """Run the model on each batch and keep what reaches `block` (positional and keyword args)."""
+    caught: list[BlockInput] = []
+
+    def hook(module, args, kwargs):
+        caught.append(BlockInput(tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs)))
+        raise _Caught
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                try:
+                    model(**batch, use_cache=False)
+                except _Caught:
+                    pass
+    finally:
+        handle.remove()
+    if not caught:
+        raise RuntimeError("calibration: the block was never reached by the model's forward pass")
+    for item, weights in zip(caught, token_weights or []):
+        item.token_weights = weights
+    return caught
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def run_window(window: Window, item: BlockInput) -> torch.Tensor:
+    """The window's output for one batch: its blocks in turn, each fed the previous output."""
+    args = item.args
+    for block in window.blocks:
+        args = (_first(block.module(*args, **item.kwargs)), *args[1:])
+    return args[0]
+
+
+def walk(adapter, targets: list[Target], batches: list[dict],
+         quantize_window: Callable[[Window, Feed], Any], progress: bool = True, *, window: int = 1,
+         grad: bool = False, token_weights: list[torch.Tensor] | None = None) -> list[Any]:
+    """Quantize every window that holds a target, in forward order; returns the windows' results.
+
+    quantize_window(window, feed) must quantize window.targets in place; feed.run() and
+    feed.gather() run the window on all of its calibration inputs.
+    """
+    if window < 1:
+        raise ValueError(f"walker: window must be >= 1, got {window}")
+    results = []
+    order = [c for c in adapter.components if any(t.component == c for t in targets)]
+    for component in order:
+        blocks = blocks_of(adapter, component, targets)
+        last = max(i for i, b in enumerate(blocks) if b.targets)
+        windows = [Window(component, blocks[i:min(i + window, last + 1)], adapter.layout(component))
+                   for i in range(0, last + 1, window)]
+        inputs = catch_inputs(adapter.model, blocks[0].module, batches, token_weights)
+        bar = tqdm(windows, desc=f"calibrate {component}", unit="window" if window > 1 else "block",
+                   disable=not progress, leave=False)
+        for current in bar:
+            feed = Feed(current, inputs, grad)
+            if current.targets:
+                results.append(quantize_window(current, feed))
+            if current is windows[-1]:
+                break  # later blocks hold no target: no need to propagate further
+            outputs = Feed(current, inputs).run()   # with the window's quantized weights
+            inputs = [BlockInput((out.detach(), *item.args[1:]), item.kwargs, item.token_weights)
+                      for out, item in zip(outputs, inputs)]
+    return results
