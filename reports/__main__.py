@@ -44,6 +44,17 @@ def _build_parser() -> argparse.ArgumentParser:
         help="largest allowed worsening, in the metric's own units (default: 1.0)",
     )
 
+    same = commands.add_parser(
+        "same",
+        help="check that two runs measured exactly the same values (refactors, faster paths)",
+        description=(
+            "Match every row by (test_id, metric) and list each value that differs, and each "
+            "test or metric only one run has. Exits 0 when all values are identical, 1 otherwise."
+        ),
+    )
+    same.add_argument("base", metavar="BASE.csv", help="results of the reference run")
+    same.add_argument("head", metavar="HEAD.csv", help="results of the run under test")
+
     summary = commands.add_parser(
         "summary",
         help="print a table of each test's primary metric",
@@ -97,6 +108,12 @@ def _run(args: argparse.Namespace) -> int:
         markdown, regressed = compare(read_rows(args.base), read_rows(args.head), args.tolerance)
         print(markdown)
         return EXIT_REGRESSION if regressed else EXIT_OK
+    if args.command == "same":
+        from reports.compare import same_values
+
+        report, identical = same_values(read_rows(args.base), read_rows(args.head))
+        print(report)
+        return EXIT_OK if identical else EXIT_REGRESSION
     if args.command == "summary":
         from reports.summary import format_summary
 

@@ -107,3 +107,21 @@ def compare(
         f"{verdicts.count('missing')} missing."
     )
     return "\n".join(lines), regressions > 0
+
+
+def same_values(base_rows: Sequence[dict[str, str]], head_rows: Sequence[dict[str, str]]) -> tuple[str, bool]:
+    """Every (test_id, metric) value of base against head, exactly as written. For a change that
+    must not move any number (a refactor, a faster path), where config hashes may differ."""
+    def values(rows):
+        return {(row.get("test_id", ""), row.get("metric", "")): row.get("value", "") for row in rows
+                if row.get("metric")}
+
+    base, head = values(base_rows), values(head_rows)
+    lines = [f"| {_cell(test)} | {metric} | {base.get((test, metric), '-')} | {head.get((test, metric), '-')} |"
+             for test, metric in sorted(set(base) | set(head)) if base.get((test, metric)) != head.get((test, metric))]
+    identical = not lines
+    summary = (f"{len(base)} values in base, {len(head)} in head: "
+               + ("all identical." if identical else f"{len(lines)} differ or are missing on one side."))
+    if identical:
+        return summary, True
+    return "\n".join(["| test | metric | base | head |", "|---|---|---:|---:|", *lines, "", summary]), False

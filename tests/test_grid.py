@@ -47,6 +47,14 @@ def test_good_grid_expands_and_drops_16_bit_components(tmp_path):
     (("{name: fp16, method: fp}", "{name: q, method: fp}"), "configs[1]: duplicate config name 'q'"),
     (("family: llava, ", ""), "models.m.family: required string"),
     (("configs:", "confgs:"), "top level: unknown field(s) confgs"),
+    # A misspelt family used to validate and then fail every test with a traceback.
+    (("family: llava", "family: lava"), "models.m.family: unknown family 'lava'; known: blip2, blip2-retrieval"),
+    (("expect: {max_rel_drop: 0.1}", "params: {dampp: 0.1}"), "configs[1]: config 'q': params: unknown parameter(s) dampp; allowed: none"),
+    (("method: rtn, bits", "method: gptq, params: {damp: high}, bits"), "parameter damp must be float, got 'high'"),
+    (("vqav2: {data: embedded}", "vqav2: {data: embedded, k_test: 3}"), "tasks.vqav2: unknown field(s) k_test"),
+    (("path: fixtures/tiny/llava-tiny}", "path: x, generation: {num_beams: 0}}"), "models.m.generation.num_beams: must be an integer >= 1"),
+    (("path: fixtures/tiny/llava-tiny}", "path: x, components: {eyes: a.b}}"), "models.m.components: must map component names"),
+    (("configs:", "calibration: {task: scienceqa}\nconfigs:"), "calibration.task: task scienceqa gives no calibration pairs"),
 ])
 def test_bad_field_is_named(tmp_path, change, field):
     with pytest.raises(GridError) as info:
@@ -86,6 +94,32 @@ def test_expand_and_component_errors_are_named(tmp_path):
   - {name: "x-{bits}", expand: {bits: 4}}""")
     with pytest.raises(GridError, match=r"configs\[1\].expand.bits: must be a non-empty list"):
         load_grid(write(tmp_path, bad))
+
+
+def test_config_hash_is_what_was_measured_not_the_name(tmp_path):
+    """compare matches rows by config_hash: a renamed config keeps its hash; another calibration
+    seed (which changes GPTQ's weights) gets another one, as does the same config on another model."""
+    text = GOOD.replace("{name: q, method: rtn, bits: {language: 4, vision: 16}, expect: {max_rel_drop: 0.1}}",
+                        "{name: q, method: gptq, bits: {language: 4}}")
+    base = load_grid(write(tmp_path, text)).cases[1]
+    renamed = load_grid(write(tmp_path, text.replace("name: q,", "name: renamed,"))).cases[1]
+    reseeded = load_grid(write(tmp_path, text + "calibration: {seed: 1}\n")).cases[1]
+    assert renamed.config.name == "renamed" and renamed.config_hash == base.config_hash
+    assert reseeded.config_hash != base.config_hash
+    assert base.group.endswith(base.config_hash)
+
+
+def test_task_options_come_from_the_registry(tmp_path):
+    grid = load_grid(write(tmp_path, """
+        models:
+          r: {family: blip2-retrieval, path: fixtures/tiny/blip2-tiny-retrieval}
+        tasks:
+          flickr_retrieval: {k_test: 16}
+        configs:
+          - {name: fp16, method: fp}
+        """))
+    assert dict(grid.cases[0].task.options) == {"k_test": 16}
+    assert grid.cases[0].task.split == "test"
 
 
 def test_calibration_defaults_to_the_grids_own_data_for_its_task(tmp_path):

@@ -12,6 +12,7 @@ from quantizers.cache import QuantCache, cache_key
 from quantizers.config import ConfigError, make_config
 from fixtures.runtime.session import Session
 from quantizers.targets import select_targets
+from fixtures.adapters import llava
 from tasks import vqav2
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,3 +96,16 @@ def test_middle_third_of_a_two_block_stack_is_a_clear_error(bench):
     # The tiny LLaVA's vision tower has two blocks: first and last, no middle.
     with pytest.raises(ConfigError, match="selects no Linear"):
         select_targets(bench.models.fp(MODEL), make_config("q", "rtn", {"vision": 4}, layers="middle"))
+
+
+def test_a_changed_calibration_prompt_rebuilds_the_quantized_model(bench, monkeypatch):
+    """The cache key covers the calibration batches themselves: a new prompt (or processor, or
+    world) makes other GPTQ weights, so it must never be served the old ones."""
+    case = case_for(make_config("gptq-w4", "gptq", {"language": 4}))
+    calibration = lambda adapter: bench.data.calibration_batches(case, adapter)
+    bench.models._build_or_load(case, calibration)
+    _, cached = bench.models._build_or_load(case, calibration)
+    assert cached.from_cache
+    monkeypatch.setattr(llava, "SHORT_ANSWER", "Answer in one word.")
+    _, rebuilt = bench.models._build_or_load(case, calibration)
+    assert not rebuilt.from_cache

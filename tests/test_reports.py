@@ -328,3 +328,15 @@ def test_cli_plot_prints_written_paths(tmp_path, capsys):
     assert code == 0
     printed = Path(capsys.readouterr().out.strip())
     assert printed.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_same_values_lists_every_difference_by_test_and_metric():
+    from reports.compare import same_values
+    base = [{"test_id": "t[a]", "metric": "accuracy", "value": "50.0"}, {"test_id": "t[a]", "metric": "f1", "value": "1"}]
+    head = [{"test_id": "t[a]", "metric": "accuracy", "value": "50.0"}, {"test_id": "t[a]", "metric": "f1", "value": "2"},
+            {"test_id": "t[b]", "metric": "accuracy", "value": "3"}]
+    assert same_values(base, base) == ("2 values in base, 2 in head: all identical.", True)
+    report, identical = same_values(base, head)
+    assert not identical
+    assert "| t[a] | f1 | 1 | 2 |" in report and "| t[b] | accuracy | - | 3 |" in report
+    assert "accuracy | 50.0" not in report
