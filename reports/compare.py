@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from reports.schema import is_primary, parse_bool, parse_float
+from reports.schema import is_primary, is_random_init, parse_bool, parse_float
 
 MatchKey = tuple[str, str, str, str]
 
@@ -24,6 +24,7 @@ class _Measured:
     config: str
     value: float
     higher_is_better: bool
+    random_init: bool = False
 
 
 def _latest_by_key(rows: Sequence[dict[str, str]]) -> dict[MatchKey, _Measured]:
@@ -39,7 +40,7 @@ def _latest_by_key(rows: Sequence[dict[str, str]]) -> dict[MatchKey, _Measured]:
         # Unknown direction defaults to "higher is better", the common case
         # (accuracy, CIDEr, ...).
         higher = parse_bool(row.get("higher_is_better"))
-        latest[key] = _Measured(row.get("config", ""), value, higher is not False)
+        latest[key] = _Measured(row.get("config", ""), value, higher is not False, is_random_init(row))
     return latest
 
 
@@ -48,6 +49,8 @@ def _verdict(base: _Measured | None, head: _Measured | None, tolerance: float) -
         return "new"
     if head is None:
         return "missing"
+    if base.random_init or head.random_init:   # random weights: a timing run, not an accuracy
+        return "not comparable"
     change = head.value - base.value
     worsening = -change if head.higher_is_better else change
     return "REGRESSION" if worsening > tolerance + _EPSILON else "ok"
@@ -104,7 +107,8 @@ def compare(
     lines.append(
         f"{regressions} regression(s) among {verdicts.count('ok') + regressions} compared "
         f"metrics (tolerance {tolerance:g}); {verdicts.count('new')} new, "
-        f"{verdicts.count('missing')} missing."
+        f"{verdicts.count('missing')} missing, {verdicts.count('not comparable')} not comparable "
+        f"(random-init weights)."
     )
     return "\n".join(lines), regressions > 0
 

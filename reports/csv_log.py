@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from reports.schema import CSV_COLUMNS, STATUSES, format_cell
+from reports.schema import CSV_COLUMNS, OPTIONAL_COLUMNS, STATUSES, format_cell
 
 # The csv module ends records with \r\n; we read and write with newline=""
 # so that the module, not the platform, controls line endings.
@@ -99,7 +99,7 @@ def read_rows(path: str | os.PathLike[str]) -> list[dict[str, str]]:
         header = next(records, None)
         if header is None:
             raise ValueError(f"{path}: file is empty, expected a results CSV header")
-        missing = [column for column in CSV_COLUMNS if column not in header]
+        missing = [column for column in CSV_COLUMNS if column not in header and column not in OPTIONAL_COLUMNS]
         if missing:
             raise ValueError(f"{path}: not a results CSV, header lacks columns {missing}")
         rows = []
@@ -121,7 +121,7 @@ def read_rows(path: str | os.PathLike[str]) -> list[dict[str, str]]:
     if torn and last_record_kept and rows[-1]["status"] not in STATUSES:
         _warn_dropped(path, records.line_num, "it is unterminated and has no valid status")
         rows.pop()
-    return [{column: row[column] for column in CSV_COLUMNS} for row in rows]
+    return [{column: row.get(column, OPTIONAL_COLUMNS.get(column)) for column in CSV_COLUMNS} for row in rows]
 
 
 def _warn_dropped(path: Path, line: int, reason: str) -> None:

@@ -39,7 +39,12 @@ CSV_COLUMNS: tuple[str, ...] = (
     "device",
     "worker",
     "status",
+    "weights",  # "trained", or "random-init": a performance row, never an accuracy figure
 )
+
+# Columns added after the first release, with the value a file written before them means.
+OPTIONAL_COLUMNS: dict[str, str] = {"weights": "trained"}
+RANDOM_INIT = "random-init"
 
 STATUSES: tuple[str, ...] = ("passed", "failed", "error", "skipped")
 
@@ -105,6 +110,10 @@ def parse_bool(cell: object) -> bool | None:
     if lowered in (FALSE_TEXT, "0", "no"):
         return False
     return None
+
+
+def is_random_init(row: dict[str, object]) -> bool:
+    return row.get("weights") == RANDOM_INIT
 
 
 def is_primary(row: dict[str, object]) -> bool:

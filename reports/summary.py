@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-from reports.schema import is_primary, parse_float
+from reports.schema import is_primary, is_random_init, parse_float
 
 TEST_ID_WIDTH = 56
 _ELLIPSIS = "…"
@@ -66,7 +66,7 @@ def format_summary(rows: Sequence[dict[str, str]]) -> str:
             _number(row.get("bpw", "")),
             _number(row.get("quant_seconds", "")),
             _number(row.get("eval_seconds", "")),
-            row.get("status", ""),
+            row.get("status", "") + (" (random-init)" if is_random_init(row) else ""),
         )
         for row in shown
     ]
@@ -85,6 +85,9 @@ def format_summary(rows: Sequence[dict[str, str]]) -> str:
     lines = [render(headers), render(["-" * width for width in widths])]
     lines += [render(line) for line in table]
     lines.append(_status_footer(shown))
+    random = sum(is_random_init(row) for row in shown)
+    if random:
+        lines.append(f"{random} of them on random-init weights: timings and memory only, never accuracy")
     return "\n".join(lines)
 
 

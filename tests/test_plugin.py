@@ -101,3 +101,42 @@ def test_missing_model_is_a_skip_naming_the_path(tmp_path):
     out = pytest_run("-rs", f"--grid={grid}", f"--report-dir={tmp_path / 'r'}", "benchmarks")
     assert out.returncode == 0, out.stdout
     assert "model not found: /nonexistent/llava" in out.stdout
+
+
+def test_paper_grid_without_the_weights_skips_every_test_naming_the_id(tmp_path):
+    out = pytest_run("-rs", "--grid=benchmarks/grids/paper.yaml", f"--report-dir={tmp_path / 'r'}", "benchmarks")
+    assert out.returncode == 0, out.stdout[-2000:]
+    skips = [line for line in out.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert skips and "passed" not in out.stdout.splitlines()[-1]
+    ids = ("llava-hf/llava-1.5-7b-hf", "llava-hf/llava-1.5-13b-hf", "Salesforce/blip2-opt-2.7b",
+           "Salesforce/blip2-itm-vit-g-coco")
+    named = [line for line in skips if any(f"model '{i}' could not be loaded offline" in line for i in ids)]
+    # Every skip names a missing id, except the text check's: the paper grid has no text_ppl case.
+    assert len(named) == len(skips) - 1, "\n".join(skips)
+    assert all(any(i in "\n".join(named) for i in [id_]) for id_ in ids)
+
+
+def test_random_init_architecture_runs_end_to_end_and_is_labelled(tmp_path):
+    """A down-scaled copy of the shipped LLaVA-1.5-7B config through the random-init path: RTN
+    and GPTQ run, every row says random-init, and the summary says these are no accuracy."""
+    import json
+    import shutil
+    config_dir = tmp_path / "llava-small"
+    shutil.copytree(ROOT / "fixtures/configs/llava-1.5-7b-hf", config_dir)
+    config = json.loads((config_dir / "config.json").read_text())
+    config["text_config"].update(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                 num_key_value_heads=4, num_hidden_layers=2)
+    config["vision_config"].update(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2)
+    (config_dir / "config.json").write_text(json.dumps(config))
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"models: {{small: {{family: llava, path: {config_dir}, random_init: true}}}}\n"
+                    "tasks: {vqav2: {limit: 4, batch_size: 4}}\n"
+                    "calibration: {samples: 4, batch_size: 2}\n"
+                    "configs: [{name: fp16, method: fp}, {name: rtn, method: rtn, bits: {all: 4}},\n"
+                    "          {name: gptq, method: gptq, bits: {language: 4}, group_size: 32}]\n")
+    out = pytest_run(f"--grid={grid}", f"--report-dir={tmp_path / 'r'}",
+                     "benchmarks/test_vqav2.py")
+    assert out.returncode == 0, out.stdout[-3000:]
+    rows = read_rows(tmp_path / "r" / "results.csv")
+    assert len({r["config"] for r in rows}) == 3 and all(r["weights"] == "random-init" for r in rows)
+    assert "3 of them on random-init weights: timings and memory only, never accuracy" in out.stdout
