@@ -10,6 +10,7 @@ from fixtures.world.generate import DEFAULT_SEED, generate_world
 from quantizers import api
 from quantizers.cache import QuantCache, cache_key
 from quantizers.config import ConfigError, make_config
+from fixtures.runtime.models import ModelPool
 from fixtures.runtime.session import Session
 from quantizers.targets import select_targets
 from fixtures.adapters import llava
@@ -26,6 +27,10 @@ def bench(tmp_path_factory):
     generate_world(cache / "world", seed=DEFAULT_SEED, split_images={"train": 40, "val": 20}, progress=False)
     return Session.create(data_root=cache, cache_dir=cache, run_dir=tmp_path_factory.mktemp("run"),
                           device=torch.device("cpu"))
+
+
+def fresh_pool(session, copy=False):
+    return ModelPool(torch.device("cpu"), session.data.cache_dir, copy=copy)
 
 
 def case_for(config, calibration=CalibrationSpec(samples=16, batch_size=8)):
@@ -65,11 +70,12 @@ def test_calibrated_methods_cover_every_target_and_restore_bit_identically(bench
 def test_bench_builds_once_then_loads_from_the_cache(bench):
     case = case_for(make_config("gptq-w4", "gptq", {"language": 4}))
     calibration = lambda adapter: bench.data.calibration_batches(case, adapter)
-    first, report = bench.models._build_or_load(case, calibration)
-    again, cached = bench.models._build_or_load(case, calibration)
+    first, report = fresh_pool(bench).quantized(case, calibration)
+    first_params = params(first)
+    again, cached = fresh_pool(bench).quantized(case, calibration)
     assert not report.from_cache and cached.from_cache
     assert cached.bpw == report.bpw
-    assert all(torch.equal(p, q) for p, q in zip(first.model.parameters(), again.model.parameters()))
+    assert all(torch.equal(first_params[n], p) for n, p in params(again).items())
 
 
 def test_calibration_never_comes_from_the_evaluated_split(bench):
@@ -103,9 +109,36 @@ def test_a_changed_calibration_prompt_rebuilds_the_quantized_model(bench, monkey
     world) makes other GPTQ weights, so it must never be served the old ones."""
     case = case_for(make_config("gptq-w4", "gptq", {"language": 4}))
     calibration = lambda adapter: bench.data.calibration_batches(case, adapter)
-    bench.models._build_or_load(case, calibration)
-    _, cached = bench.models._build_or_load(case, calibration)
+    fresh_pool(bench).quantized(case, calibration)
+    _, cached = fresh_pool(bench).quantized(case, calibration)
     assert cached.from_cache
     monkeypatch.setattr(llava, "SHORT_ANSWER", "Answer in one word.")
-    _, rebuilt = bench.models._build_or_load(case, calibration)
+    _, rebuilt = fresh_pool(bench).quantized(case, calibration)
     assert not rebuilt.from_cache
+
+
+def test_configs_applied_in_place_match_fresh_copies_and_undo_exactly(bench):
+    """The pool keeps one model and undoes each config from a host snapshot; the path it replaced
+    deep-copied the FP model per config. Same weights, same predictions, FP restored bit for bit,
+    no hook or buffer left behind (AWQ adds both)."""
+    in_place, copies = fresh_pool(bench), fresh_pool(bench, copy=True)
+    fp_params = params(in_place.fp(MODEL))
+    hooks = lambda a: sum(len(m._forward_pre_hooks) for m in a.model.modules())
+    samples = vqav2.load_official(bench.data.cache_dir / "world" / "vqav2", "val2014")[:8]
+    run = lambda a: [s["prediction"] for s in vqav2.evaluate(a, samples, 8, progress=False).samples]
+    fp_hooks, fp_predictions = hooks(in_place.fp(MODEL)), run(in_place.fp(MODEL))
+    for config in (make_config("awq-w3", "awq", {"language": 3, "connector": 3}, a_bits=8),
+                   make_config("rtn-w3", "rtn", {"vision": 3, "language": 3})):
+        case = case_for(config)
+        calibration = lambda adapter, case=case: bench.data.calibration_batches(case, adapter)
+        in_place.quantized(case, calibration)
+        assert run(in_place.fp(MODEL)) == fp_predictions        # an FP use undoes the config...
+        a, _ = in_place.quantized(case, calibration)           # ...and the kept entry re-applies it
+        b, _ = copies.quantized(case, calibration)
+        assert all(torch.equal(p, params(b)[n]) for n, p in params(a).items())
+        assert hooks(a) == hooks(b) and run(a) == run(b)
+        assert (hooks(a) > fp_hooks) == (config.a_bits is not None)
+    restored = in_place.fp(MODEL)
+    assert all(torch.equal(fp_params[n], p) for n, p in params(restored).items())
+    assert hooks(restored) == fp_hooks and run(restored) == fp_predictions
+    assert not any(name.endswith("awq_input_scale") for name, _ in restored.model.named_buffers())
