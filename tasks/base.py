@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+from concurrent.futures import ThreadPoolExecutor
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,13 +94,26 @@ def generate_replies(adapter: Any, samples: Sequence, prompt_of: Callable[[Any],
                      batch_size: int, desc: str, progress: bool = True,
                      unit: str = "q") -> Iterator[tuple[Any, str, str]]:
     """(sample, prompt, greedy reply) for every sample, generated in batches under a progress
-    bar: the loop every generative task shares; each task only prompts and scores."""
-    bar = tqdm(total=len(samples), desc=desc, unit=unit, disable=not progress, leave=False)
-    for batch in batched(samples, batch_size):
+    bar: the loop every generative task shares; each task only prompts and scores.
+
+    The next batch is read and encoded (images decoded, resized, normalized; prompts tokenized)
+    on a background thread while the device generates the current one: the same inputs as one
+    after the other, with the host's work off the device's critical path."""
+    def encode(batch):
         prompts = [prompt_of(sample) for sample in batch]
-        replies = adapter.generate([sample.image() for sample in batch], prompts, max_new_tokens)
-        yield from zip(batch, prompts, replies)
-        bar.update(len(batch))
+        return prompts, adapter.encode([sample.image() for sample in batch], prompts)
+
+    bar = tqdm(total=len(samples), desc=desc, unit=unit, disable=not progress, leave=False)
+    batches = list(batched(samples, batch_size))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") as pool:
+        pending = pool.submit(encode, batches[0]) if batches else None
+        for index, batch in enumerate(batches):
+            prompts, encoded = pending.result()
+            if index + 1 < len(batches):
+                pending = pool.submit(encode, batches[index + 1])
+            replies = adapter.generate_encoded(encoded, max_new_tokens)
+            yield from zip(batch, prompts, replies)
+            bar.update(len(batch))
     bar.close()
 
 

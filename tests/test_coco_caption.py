@@ -11,6 +11,7 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
+from tests.fakes import EncodesInline
 from tasks import coco_caption
 from tasks.base import DataError, DataMissing
 
@@ -190,7 +191,7 @@ def test_hf_schema_from_a_local_parquet(tmp_path):
 
 
 # -- evaluate ----------------------------------------------------------------------------------
-class FixedCaptioner:
+class FixedCaptioner(EncodesInline):
     """Captions by image colour; records each generate call."""
 
     def __init__(self):

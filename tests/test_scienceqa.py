@@ -5,6 +5,7 @@ import json
 import pytest
 from PIL import Image
 
+from tests.fakes import EncodesInline
 from tasks import scienceqa
 from tasks.base import DataError, DataMissing
 from tasks.scienceqa import parse_choice
@@ -113,7 +114,7 @@ def test_hf_parquet_schema_keeps_image_rows(tmp_path):
         scienceqa.load_hf(str(tmp_path / "missing.parquet"), "test")
 
 
-class FakeAdapter:
+class FakeAdapter(EncodesInline):
     """Replies with a fixed text per question and records what it was given."""
 
     def __init__(self, replies):

@@ -5,6 +5,7 @@ import json
 import pytest
 from PIL import Image
 
+from tests.fakes import EncodesInline
 from tasks import vizwiz
 from tasks.base import DataError, DataMissing
 from tasks.vizwiz import average_precision, f1_score, is_unanswerable
@@ -106,7 +107,7 @@ def test_ap_with_graded_scores_and_ties():
         average_precision([1.0, 0.0], [False, False])
 
 
-class FakeAdapter:
+class FakeAdapter(EncodesInline):
     def __init__(self, replies):
         self.replies = replies
 

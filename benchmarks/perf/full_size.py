@@ -1,0 +1,204 @@
+"""Full-size speed and memory, measured through a tree's own public API (not a timed test).
+
+Builds a released architecture from its shipped config (fixtures/configs/, seeded random bf16
+weights: timings only, never accuracy) and times, through the code of the tree given with
+--tree (this checkout, or 40de34e exported next to it, so both run in one GPU session):
+
+  eval         tasks.vqav2.evaluate at each --batches size: samples/s, and whether the
+               predictions equal those at batch size 1 (the first --parity samples)
+  gptq_lm      quantizers.api.quantize: GPTQ W4 g128 of the language model (--layers: a slice
+               "0-3" of its blocks, or all), 128 calibration samples
+  awq_lm       the same with AWQ
+  gptq_vision  GPTQ W4 g128 of the vision tower
+  pool         (this tree only) the runtime's model pool: FP model + a quantized config (RTN W4
+               g128 of the language model) + evaluation at --pool-batch, in place vs a deep copy
+               per config (the old way); peak device memory of each
+
+    python benchmarks/perf/full_size.py --tree . --work eval,gptq_lm --out new.json
+    python benchmarks/perf/full_size.py --tree .old --layers 0-3 --out old.json
+
+Prints one line per measurement and writes them as JSON (--out). The world is generated small
+(--world), once, by this checkout's generator.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _random_init_module():
+    """This checkout's random-init helpers, loaded by file so either tree can be measured."""
+    spec = importlib.util.spec_from_file_location("vqb_random_init", REPO / "fixtures/adapters/random_init.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_llava(config_dir: Path, device, dtype):
+    import torch  # noqa: F401
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    ri = _random_init_module()
+    config = LlavaConfig.from_pretrained(config_dir)
+    model = ri.random_model(LlavaForConditionalGeneration, config, device, dtype)
+    settings, template = ri.read_settings(config_dir)
+    specials = {"<unk>": 0, "<s>": 1, "</s>": 2, "<image>": config.image_token_index, "<pad>": config.pad_token_id}
+    tokenizer = ri.stand_in_tokenizer(config.text_config.vocab_size, specials, bos="<s>", eos="</s>", pad="<pad>",
+                                      unk="<unk>", extra_special={"image_token": "<image>"})
+    image_settings = {k: v for k, v in settings.pop("image_processor").items() if k != "image_processor_type"}
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor(**image_settings), tokenizer=tokenizer,
+                               chat_template=template,
+                               **{k: v for k, v in settings.items() if k not in ("processor_class", "image_token")})
+    return model, processor
+
+
+class Clock:
+    def __init__(self, torch, device):
+        self.torch, self.device = torch, device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
+            self.torch.cuda.reset_peak_memory_stats(self.device)
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        cuda = self.device.type == "cuda"
+        if cuda:
+            self.torch.cuda.synchronize(self.device)
+        self.seconds = time.perf_counter() - self.start
+        self.peak_gb = self.torch.cuda.max_memory_allocated(self.device) / 2**30 if cuda else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tree", type=Path, required=True, help="the code to measure (a checkout)")
+    parser.add_argument("--config", default="llava-1.5-7b-hf", help="a folder of fixtures/configs/, or a path")
+    parser.add_argument("--device", default="cuda:0", help="cuda:0; cpu only to try the script on a small config")
+    parser.add_argument("--work", default="eval,gptq_lm,awq_lm,gptq_vision")
+    parser.add_argument("--layers", default="all", help='blocks quantized: all, or a slice like "0-3"')
+    parser.add_argument("--vision-layers", default="all")
+    parser.add_argument("--batches", default="1,16,64")
+    parser.add_argument("--samples", type=int, default=320, help="VQAv2 questions timed per batch size")
+    parser.add_argument("--batch1-samples", type=int, default=32, help="questions timed at batch size 1")
+    parser.add_argument("--parity", type=int, default=32, help="questions whose predictions are compared")
+    parser.add_argument("--pool-config", default="llava-1.5-13b-hf")
+    parser.add_argument("--pool-batch", type=int, default=32)
+    parser.add_argument("--world", type=Path, default=Path("/tmp/vqb-perf-world"))
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    # This checkout generates the world, then the measured tree is imported by its own names.
+    sys.path.insert(0, str(REPO))
+    from fixtures.world.generate import ensure_world
+    world = ensure_world(args.world, split_images={"train": 200, "val": 120}, others={})
+    for name in [m for m in sys.modules if m.split(".")[0] in ("fixtures", "quantizers", "tasks", "reports")]:
+        del sys.modules[name]
+    sys.path[0] = str(args.tree.resolve())
+
+    import torch
+    from fixtures.adapters.llava import LlavaAdapter
+    from quantizers.api import quantize
+    from quantizers.config import make_config
+    from tasks import vqav2
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    results: list[dict] = []
+
+    def report(**row):
+        row = {"tree": str(args.tree), "config": args.config, **row}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+    work = args.work.split(",")
+    samples = vqav2.load_official(world / "vqav2", "val")
+    calibration = vqav2.load_official(world / "vqav2", "train")[:128]
+    if set(work) - {"pool"}:
+        model, processor = build_llava(REPO / "fixtures/configs" / args.config, device, dtype)   # or a path
+        adapter = LlavaAdapter("perf", model, processor, device)
+        report(work="model", parameters_b=sum(p.numel() for p in model.parameters()) / 1e9,
+               prompt_tokens=adapter.model_inputs([samples[0].image()], [vqav2_prompt(adapter, samples[0])])["input_ids"].shape[1])
+
+    if "eval" in work:
+        predictions = {}
+        for batch in [int(b) for b in args.batches.split(",")]:
+            chosen = samples[:args.batch1_samples if batch == 1 else args.samples]
+            vqav2.evaluate(adapter, chosen[:batch], batch_size=batch, progress=False)   # warm-up
+            with Clock(torch, device) as clock:
+                result = vqav2.evaluate(adapter, chosen, batch_size=batch, progress=False)
+            predictions[batch] = [s["prediction"] for s in result.samples[:args.parity]]
+            report(work="eval", batch=batch, samples=len(chosen), seconds=round(clock.seconds, 2),
+                   samples_per_s=round(len(chosen) / clock.seconds, 2), peak_gb=round(clock.peak_gb, 1),
+                   same_as_batch1=predictions[batch] == predictions.get(1, predictions[batch]))
+
+    if any(w in work for w in ("gptq_lm", "awq_lm", "gptq_vision")):
+        texts = [adapter.calibration_text(s.question, s.multiple_choice_answer) for s in calibration]
+        batches = [adapter.model_inputs([s.image() for s in calibration[i:i + 16]], texts[i:i + 16])
+                   for i in range(0, len(calibration), 16)]
+        originals = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
+        jobs = {"gptq_lm": ("gptq", "language", args.layers), "awq_lm": ("awq", "language", args.layers),
+                "gptq_vision": ("gptq", "vision", args.vision_layers)}
+        for name in [w for w in work if w in jobs]:
+            method, component, layers = jobs[name]
+            config = make_config(name, method, {component: 4}, group_size=128, layers=layers)
+            with Clock(torch, device) as clock:
+                report_ = quantize(adapter, config, batches)[0]
+            report(work=name, layers=layers, linears=len(report_.layers), seconds=round(clock.seconds, 1),
+                   peak_gb=round(clock.peak_gb, 1))
+            with torch.no_grad():   # back to FP for the next job
+                for n, p in model.named_parameters():
+                    p.copy_(originals[n])
+            for module in model.modules():
+                module._forward_pre_hooks.clear()
+                module._buffers.pop("awq_input_scale", None)
+        del model, adapter, originals, batches
+        torch.cuda.empty_cache()
+
+    if "pool" in work:
+        pool_memory(args, torch, device, samples, report)
+
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+
+
+def vqav2_prompt(adapter, sample):
+    """The VQAv2 prompt through whichever API the measured tree has."""
+    if hasattr(adapter, "vqa_prompt"):
+        return adapter.vqa_prompt(sample.question)
+    return adapter.prompt("short_answer", question=sample.question)
+
+
+def pool_memory(args, torch, device, samples, report) -> None:
+    """The runtime's model pool on one config, in place and with a deep copy per config."""
+    from fixtures.runtime.grid import Case, ModelSpec, TaskSpec
+    from fixtures.runtime.models import ModelPool
+    from quantizers.config import make_config
+    from tasks import vqav2
+
+    spec = ModelSpec("pool", "llava", f"fixtures/configs/{args.pool_config}", "bfloat16", random_init=True)
+    case = Case(spec, make_config("rtn-w4g128-language", "rtn", {"language": 4}, group_size=128), TaskSpec("vqav2"))
+    for copy in (False, True):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        pool = ModelPool(device, Path("/tmp/vqb-perf-cache"), copy=copy)
+        with Clock(torch, device) as clock:
+            fp = pool.fp(spec)
+            adapter, _ = pool.quantized(case, lambda a: None)
+            vqav2.evaluate(adapter, samples[:2 * args.pool_batch], batch_size=args.pool_batch, progress=False)
+        report(work="pool", model=args.pool_config, copy_per_config=copy, batch=args.pool_batch,
+               seconds=round(clock.seconds, 1), peak_gb=round(torch.cuda.max_memory_allocated(device) / 2**30, 1),
+               fits_80gb=torch.cuda.max_memory_allocated(device) < 80e9)
+        del pool, fp, adapter
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+"""Shared pieces of the fake adapters the task tests use."""
+
+
+class EncodesInline:
+    """The encode / generate_encoded split of a real adapter, for a fake that only generates."""
+
+    def encode(self, images, prompts):
+        return images, prompts
+
+    def generate_encoded(self, encoded, max_new_tokens):
+        return self.generate(*encoded, max_new_tokens)
