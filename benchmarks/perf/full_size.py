@@ -183,21 +183,20 @@ def pool_memory(args, torch, device, samples, report) -> None:
     from quantizers.config import make_config
     from tasks import vqav2
 
-    spec = ModelSpec("pool", "llava", f"fixtures/configs/{args.pool_config}", "bfloat16", random_init=True)
+    path = args.pool_config if Path(args.pool_config).is_absolute() else f"fixtures/configs/{args.pool_config}"
+    spec = ModelSpec("pool", "llava", path, "bfloat16" if device.type == "cuda" else "float32", random_init=True)
     case = Case(spec, make_config("rtn-w4g128-language", "rtn", {"language": 4}, group_size=128), TaskSpec("vqav2"))
     for copy in (False, True):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
         pool = ModelPool(device, Path("/tmp/vqb-perf-cache"), copy=copy)
         with Clock(torch, device) as clock:
             fp = pool.fp(spec)
             adapter, _ = pool.quantized(case, lambda a: None)
             vqav2.evaluate(adapter, samples[:2 * args.pool_batch], batch_size=args.pool_batch, progress=False)
         report(work="pool", model=args.pool_config, copy_per_config=copy, batch=args.pool_batch,
-               seconds=round(clock.seconds, 1), peak_gb=round(torch.cuda.max_memory_allocated(device) / 2**30, 1),
-               fits_80gb=torch.cuda.max_memory_allocated(device) < 80e9)
+               seconds=round(clock.seconds, 1), peak_gb=round(clock.peak_gb, 1), fits_80gb=clock.peak_gb * 2**30 < 80e9)
         del pool, fp, adapter
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# benchmarks/perf/RESULTS.md's full-size rows, in one GPU session: today's tree and 40de34e
+# (exported to .old/, carried to the GPU machine) through the same script, full_size.py.
+#   git archive 40de34e | (mkdir -p .old && tar -x -C .old)      # once, here
+#   PART=old|eval|quant|pool OUT=DIR bash benchmarks/perf/full_size.sh
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-perf-out}; mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+run() { local name=$1; shift; echo "== $name"; $PY benchmarks/perf/full_size.py --out "$OUT/$name.json" "$@" 2>&1 | grep -v "Loading weights"; }
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+$PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+case "${PART:-all}" in
+  old|all)   # 40de34e: quantization on the same slices as the new path's comparison rows
+    run old --tree .old --layers 0-3 --vision-layers 0-5 ;;&
+  eval|all)
+    run new-eval --tree . --work eval ;;&
+  quant|all)
+    run new-slices --tree . --layers 0-3 --vision-layers 0-5 --work gptq_lm,awq_lm,gptq_vision
+    run new-full --tree . --work gptq_lm,awq_lm,gptq_vision ;;&
+  pool|all)
+    run pool --tree . --work pool --pool-config llava-1.5-13b-hf --pool-batch 32 ;;
+esac
