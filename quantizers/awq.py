@@ -23,13 +23,21 @@ _ROW_CHUNK = 4096          # calibration rows per matmul: bounds memory on long 
 _CLIP_BUDGET = 2 ** 24     # elements of one (tokens, rows, groups) error tensor in the clip search
 # Candidates are evaluated in batches: their weights are scaled or clipped, rounded and (clip
 # search) their errors compared once per batch, as a few large kernels, instead of once per
-# candidate. The scale search holds at most this many elements of quantized weights
-# (candidates x out x in) at once; the clip search batches all its candidates for a chunk of
-# rows. The matmuls stay one per candidate, with the shapes and the fresh (aligned) operands of
-# the one-candidate loop: a BLAS picks its kernel by shape and alignment, and a candidate's sums
-# would otherwise change in the last bits (seen with MKL: putting 7-row weights' candidates in
-# one matmul moved the scale search's errors in the 7th digit).
-_SEARCH_BUDGET = 2 ** 26
+# candidate. A batch holds at most _search_budget elements of candidate weights (candidates x
+# rows x in). The matmuls stay one per candidate, with the shapes and the fresh (aligned)
+# operands of the one-candidate loop: a BLAS picks its kernel by shape and alignment, and a
+# candidate's sums would otherwise change in the last bits (seen with MKL: putting 7-row
+# weights' candidates in one matmul moved the scale search's errors in the 7th digit).
+_SEARCH_BUDGET_CUDA = 2 ** 26
+# A CPU has no launches to save, and large batches cost it: they leave the caches, and glibc
+# maps every block over 32 MiB afresh, page-faulting on each first touch. Measured (1024 x 1024
+# weights, one thread): batches of 2^20 elements ran the scale search 1.8x faster than the
+# one-candidate loop, 2^22 1.4x, 2^24 1.3x (its clip search 0.84x).
+_SEARCH_BUDGET_CPU = 2 ** 20
+
+
+def _search_budget(device: torch.device) -> int:
+    return _SEARCH_BUDGET_CUDA if device.type == "cuda" else _SEARCH_BUDGET_CPU
 
 
 def _group_width(cols: int, group_size: int) -> int:
@@ -63,7 +71,7 @@ def _candidate_errors(x: Tensor, weight: Tensor, scales: list[Tensor], *, bits: 
     out, cols = weight.shape
     chunks = [x[start:start + _ROW_CHUNK] for start in range(0, x.shape[0], _ROW_CHUNK)]
     references = [chunk @ weight.T for chunk in chunks]
-    per_batch = max(1, _SEARCH_BUDGET // (out * cols))
+    per_batch = max(1, _search_budget(weight.device) // (out * cols))
     sums: list[Tensor] = []   # candidate-major, then chunk
     for first in range(0, len(scales), per_batch):
         for weight_q in _scaled_rtn(weight, torch.stack(scales[first:first + per_batch]), bits,
@@ -90,7 +98,7 @@ def search_scale(x: Tensor, linears: Sequence[nn.Linear], *, bits: int, group_si
     the output of the whole inspected module (e.g. self-attention, the MLP); we measure the
     group's own Linear outputs, which needs no module call and no attention inputs.
     alpha = 0 gives s = 1 exactly (plain RTN), and ties keep the smaller alpha, so the result
-    is never worse than RTN on x. Candidates are evaluated in batches (_SEARCH_BUDGET)."""
+    is never worse than RTN on x. Candidates are evaluated in batches (_search_budget)."""
     x = x.reshape(-1, x.shape[-1]).float()
     weights = [linear.weight.detach().float() for linear in linears]
     act_mean = x.abs().mean(dim=0)
@@ -123,23 +131,36 @@ def _sample_rows(x: Tensor, n: int, seed: int) -> Tensor:
 def _clip_chunk(xg: Tensor, w: Tensor, *, bits: int, g: int, sym: bool, n_grid: int,
                 n_shrink: int) -> Tensor:
     """Best max |w| per (row, group) for a chunk of weight rows; xg is (tokens, n_groups, g).
-    Every candidate bound is clipped and rounded in one batch; each candidate's einsum then
-    makes one (tokens, rows, groups) tensor, reduced before the next."""
-    rows = w.shape[0]
+    Candidate bounds are clipped and rounded in batches; each candidate's einsum then makes one
+    (tokens, rows, groups) tensor, reduced before the next."""
+    rows, cols = w.shape
     wg = _grouped(w, g)
     original_max = wg.abs().amax(dim=-1)
     reference = torch.einsum("ngk,rgk->nrg", xg, wg)
-    # i = 0 is "no clip", so the chosen bound never does worse than no clip on a group.
-    max_vals = torch.stack([original_max * (1 - i / n_grid) for i in range(n_shrink)])
-    clipped = apply_clip(w.repeat(n_shrink, 1), max_vals.reshape(n_shrink * rows, -1), g)
-    deq = fake_quantize(clipped, bits, g, sym).dequantized
-    errors = torch.stack([   # (candidates, rows, groups); _grouped copies, so operands are fresh
-        (torch.einsum("ngk,rgk->nrg", xg, _grouped(deq[i * rows:(i + 1) * rows], g)) - reference)
-        .pow(2).mean(dim=0) for i in range(n_shrink)])
-    # The first candidate with the least error, as a scan keeping strict improvements would; a
-    # NaN error never improves, and when nothing is finite the scan keeps candidate 0 (no clip).
-    errors = torch.where(errors.isnan(), float("inf"), errors)
-    return max_vals.gather(0, errors.argmin(dim=0, keepdim=True)).squeeze(0)
+    per_batch = max(1, _search_budget(w.device) // (rows * cols))
+    best_max = best_err = None
+    for first in range(0, n_shrink, per_batch):
+        k = min(per_batch, n_shrink - first)
+        # i = 0 is "no clip", so the chosen bound never does worse than no clip on a group.
+        max_vals = torch.stack([original_max * (1 - i / n_grid) for i in range(first, first + k)])
+        clipped = apply_clip(w.repeat(k, 1), max_vals.reshape(k * rows, -1), g)
+        deq = fake_quantize(clipped, bits, g, sym).dequantized
+        # (k, rows, groups); _grouped copies, so each einsum gets a fresh operand, as before.
+        errors = torch.stack([
+            (torch.einsum("ngk,rgk->nrg", xg, _grouped(deq[j * rows:(j + 1) * rows], g))
+             - reference).pow(2).mean(dim=0) for j in range(k)])
+        # The first candidate with the least error, as a scan keeping strict improvements would;
+        # a NaN error never improves, and when nothing is finite the scan keeps candidate 0.
+        errors = torch.where(errors.isnan(), float("inf"), errors)
+        pick = errors.argmin(dim=0, keepdim=True)
+        batch_max, batch_err = max_vals.gather(0, pick)[0], errors.gather(0, pick)[0]
+        if best_max is None:
+            best_max, best_err = batch_max, batch_err
+        else:
+            better = batch_err < best_err
+            best_max = torch.where(better, batch_max, best_max)
+            best_err = torch.where(better, batch_err, best_err)
+    return best_max
 
 
 @torch.no_grad()

@@ -264,7 +264,7 @@ def test_batched_scale_search_equals_the_one_candidate_loop(options, shape, n_gr
 def test_scale_search_batches_and_row_chunks_change_nothing(monkeypatch):
     x, linears = _random_layer(3, 300, 64, 32, n_linears=2)
     # Three candidates per batch (20 = 3 x 6 + 2) and row chunks of 128 (300 = 2 x 128 + 44).
-    monkeypatch.setattr(awq, "_SEARCH_BUDGET", 3 * 32 * 64)
+    monkeypatch.setattr(awq, "_SEARCH_BUDGET_CPU", 3 * 32 * 64)
     monkeypatch.setattr(awq, "_ROW_CHUNK", 128)
     s, alpha, error = awq.search_scale(x, linears, bits=3, group_size=16, sym=False)
     s_old, alpha_old, error_old = _old_search_scale(x, linears, bits=3, group_size=16, sym=False,
@@ -283,14 +283,16 @@ def test_batched_clip_search_equals_the_one_candidate_loop(options, shape, n_gri
     assert torch.equal(awq.search_clip(x, w, **kwargs), _old_search_clip(x, w, **kwargs))
 
 
-def test_clip_search_row_chunks_and_ties_keep_the_first_best(monkeypatch):
+def test_clip_search_row_chunks_candidate_batches_and_ties_keep_the_first_best(monkeypatch):
     x, linears = _random_layer(4, 256, 64, 32)
     x[:, 16:32] = 0   # group 1 never fires: every bound has error 0, and no clip must win
     w = linears[0].weight
     monkeypatch.setattr(awq, "_CLIP_BUDGET", 256 * 4 * 5)   # 5 rows per chunk: 32 = 6 x 5 + 2
-    max_val = awq.search_clip(x, w, bits=3, group_size=16, sym=False)
-    assert torch.equal(max_val, _old_search_clip(x, w, bits=3, group_size=16, sym=False,
-                                                 budget=256 * 4 * 5))
+    old = _old_search_clip(x, w, bits=3, group_size=16, sym=False, budget=256 * 4 * 5)
+    for per_batch in (10, 3, 1):   # candidates per batch: 10 = 3 x 3 + 1
+        monkeypatch.setattr(awq, "_SEARCH_BUDGET_CPU", per_batch * 5 * 64)
+        max_val = awq.search_clip(x, w, bits=3, group_size=16, sym=False)
+        assert torch.equal(max_val, old), per_batch
     assert torch.equal(max_val[:, 1], w.detach().abs()[:, 16:32].amax(dim=1))
     original_max = w.detach().abs().reshape(32, 4, 16).amax(-1)
     assert (max_val[:, [0, 2, 3]] < original_max[:, [0, 2, 3]]).any()   # elsewhere it did clip
