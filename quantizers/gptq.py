@@ -17,10 +17,15 @@ from dataclasses import dataclass
 import torch
 
 # dequantize is re-exported: codes/scale/zero/group_index of a GPTQResult rebuild .dequantized
-# bit for bit through it, since it runs the same float32 arithmetic as quantize_with.
-from quantizers.primitives import dequantize, grid_params, quantize_with  # noqa: F401
+# bit for bit through it, since it runs the same float32 arithmetic as primitives.quantize_with,
+# which the column sweep below spells out in place.
+from quantizers.primitives import dequantize, grid_params, grid_params_from_range  # noqa: F401
 
 MAX_RETRIES = 3
+# gptq_quantize_stacked starts each weight on a multiple of 16 rows: 16 float32 values are
+# 64 bytes, the alignment of a fresh CPU tensor, so each weight's matmul operands are aligned
+# as they would be alone (some BLAS kernels, and so a result's last bit, depend on alignment).
+STACK_ALIGN_ROWS = 16
 
 
 @dataclass
@@ -95,17 +100,6 @@ def _group_index(cols: int, group: int, perm: torch.Tensor | None, static: bool,
     return index
 
 
-def _current_columns(w, w_block, err_block, hinv, start, i, hi):
-    """Columns start+i .. hi as they stand now: inside the block W1 is up to date; columns past
-    the block still lack the lazy update from the block's errors so far, applied here."""
-    end = start + w_block.shape[1]
-    inside = w_block[:, i:min(hi, end) - start]
-    if hi <= end:
-        return inside
-    pending = err_block[:, :i] @ hinv[start:start + i, end:hi]
-    return torch.cat([inside, w[:, end:hi] - pending], dim=1)
-
-
 def _validate(weight, hessian, bits, group_size, block_size):
     if weight.dim() != 2:
         raise ValueError(f"GPTQ: weight must be 2-D, got shape {tuple(weight.shape)}")
@@ -120,14 +114,95 @@ def _validate(weight, hessian, bits, group_size, block_size):
         raise ValueError(f"GPTQ: block_size must be positive, got {block_size}")
 
 
-@torch.no_grad()
-def gptq_quantize_full(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int,
-                       group_size: int = -1, sym: bool = False, act_order: bool = False,
-                       static_groups: bool = False, damp: float = 0.01,
-                       block_size: int = 128) -> GPTQResult:
-    _validate(weight, hessian, bits, group_size, block_size)
-    rows, cols = weight.shape
-    w = weight.detach().to(torch.float32).clone()
+def _group_grid(w, w_block, err_block, hinv, start, i, hi, segments, bits, sym):
+    """Grid of the dynamic group whose columns are start+i .. hi, as they stand now: inside the
+    block W1 is up to date; columns past the block still lack the lazy update from the block's
+    errors so far, applied here (one matmul per weight's rows, see _quantize_columns). Each
+    piece's row min/max is taken on its own: min and max are exact, so this equals the grid of
+    the concatenated columns without building them."""
+    end = start + w_block.shape[1]
+    inside = w_block[:, i:min(hi, end) - start]
+    if hi <= end:
+        return grid_params(inside, bits, sym)
+    wmin, wmax = inside.amin(dim=1, keepdim=True), inside.amax(dim=1, keepdim=True)
+    for seg in segments:
+        outside = w[seg, end:hi]
+        if i > 0:   # with i = 0 the pending update is an exact zero
+            outside = outside - err_block[seg, :i] @ hinv[start:start + i, end:hi]
+        torch.minimum(wmin[seg], outside.amin(dim=1, keepdim=True), out=wmin[seg])
+        torch.maximum(wmax[seg], outside.amax(dim=1, keepdim=True), out=wmax[seg])
+    return grid_params_from_range(wmin, wmax, bits, sym)
+
+
+def _quantize_columns(w, hinv, scale, zero, group_of_position, segments, *, bits, sym, group,
+                      dynamic, block_size):
+    """The GPTQ sweep over w (rows, cols, float32, processing order), which it overwrites.
+    Returns (codes, dequantized) in processing order; fills scale/zero for dynamic groups.
+    `segments` are the row slices of the weights stacked in w (one slice for a single weight).
+
+    Per column this issues ten in-place kernels on preallocated buffers and views made once per
+    block, each the same IEEE operation, in the same order, as the plain formulation
+    q = clamp(round(w / s) + z), dq = s (q - z), err = (w - dq) / d, W1 -= err h^T; so the
+    result is bit for bit that of the earlier column-at-a-time code (frozen in
+    benchmarks/perf/_reference_quant.py). No fused multiply-add (addr_, addcmul_) is used:
+    fusing would round once where the plain form rounds twice.
+
+    The elementwise work runs over all stacked rows at once; each matmul runs per segment, so
+    every weight's matmuls have the shapes, strides and (segments start on 64-byte boundaries)
+    alignment they would have alone. BLAS libraries choose kernels by all three, and a row's
+    result can change in the last bit with them (seen with MKL on small matrices)."""
+    rows, cols = w.shape
+    maxq = 2 ** bits - 1
+    codes = torch.empty_like(w)
+    deq = torch.empty_like(w)
+    scale_of, zero_of = scale.split(1, dim=1), zero.split(1, dim=1)   # (rows, 1) view per group
+    product = torch.empty(rows, block_size, dtype=w.dtype, device=w.device)   # err h^T scratch
+    for start in range(0, cols, block_size):
+        end = min(start + block_size, cols)
+        width = end - start
+        w_block = w[:, start:end].clone()
+        err_block = torch.empty(rows, width, dtype=w.dtype, device=w.device)
+        q_block = torch.empty_like(err_block)
+        dq_block = torch.empty_like(err_block)
+        # Row-major copy: torch.linalg.cholesky(upper=True) returns a column-major factor, whose
+        # rows (read once per column below) would be strided. The matmuls keep reading hinv.
+        hinv_block = hinv[start:end, start:end].contiguous()
+        w_col, err_col = w_block.split(1, dim=1), err_block.split(1, dim=1)
+        q_col, dq_col = q_block.split(1, dim=1), dq_block.split(1, dim=1)
+        # 0-d views: dividing by a device tensor, never by a host scalar (CUDA would multiply
+        # by its reciprocal instead, which rounds differently).
+        hinv_diag = torch.diagonal(hinv_block).unbind()
+        for i in range(width):
+            col = start + i
+            if dynamic and col % group == 0:
+                g = col // group
+                scale[:, g:g + 1], zero[:, g:g + 1] = _group_grid(
+                    w, w_block, err_block, hinv, start, i, min(col + group, cols), segments, bits,
+                    sym)
+            s, z = scale_of[group_of_position[col]], zero_of[group_of_position[col]]
+            q, dq, err = q_col[i], dq_col[i], err_col[i]
+            torch.div(w_col[i], s, out=q).round_().add_(z).clamp_(0, maxq)
+            torch.sub(q, z, out=dq).mul_(s)
+            torch.sub(w_col[i], dq, out=err).div_(hinv_diag[i])
+            if i + 1 < width:
+                # Optimal compensation of this column's error by the block's remaining columns.
+                update = torch.mul(err, hinv_block[i:i + 1, i + 1:], out=product[:, :width - i - 1])
+                w_block[:, i + 1:].sub_(update)
+        codes[:, start:end] = q_block
+        deq[:, start:end] = dq_block
+        # Lazy batch update: the columns after the block receive all its errors in one matmul
+        # (per stacked weight).
+        for seg in segments:
+            w[seg, end:] -= err_block[seg] @ hinv[start:end, end:]
+    return codes, deq
+
+
+def _gptq_float32(w, hessian, segments, *, bits, group_size, sym, act_order, static_groups, damp,
+                  block_size):
+    """GPTQ on a private float32 copy w (rows, cols), which it overwrites; `segments` as in
+    _quantize_columns. Returns (dequantized float32, codes float32, scale, zero, group_index,
+    damp_used, retries), original column order."""
+    rows, cols = w.shape
     h = hessian.detach().to(w.device, torch.float32).clone()
     # One group spanning every column is per-channel quantization, as in primitives.fake_quantize.
     group = cols if group_size == -1 or group_size >= cols else group_size
@@ -159,34 +234,59 @@ def gptq_quantize_full(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int
     group_of_position = (group_index[perm] if perm is not None else group_index).tolist()
 
     hinv, damp_used, retries = upper_cholesky_of_inverse(h, damp)
-    codes = torch.zeros_like(w)
-    deq = torch.zeros_like(w)
-    for start in range(0, cols, block_size):
-        end = min(start + block_size, cols)
-        w_block = w[:, start:end].clone()
-        err_block = torch.zeros_like(w_block)
-        hinv_block = hinv[start:end, start:end]
-        for i in range(end - start):
-            col = start + i
-            if grouped and not static_groups and col % group == 0:
-                current = _current_columns(w, w_block, err_block, hinv, start, i, min(col + group, cols))
-                g = col // group
-                scale[:, g:g + 1], zero[:, g:g + 1] = grid_params(current, bits, sym)
-            g = group_of_position[col]
-            q, dq = quantize_with(w_block[:, i:i + 1], scale[:, g:g + 1], zero[:, g:g + 1], bits)
-            codes[:, col], deq[:, col] = q[:, 0], dq[:, 0]
-            err = (w_block[:, i] - dq[:, 0]) / hinv_block[i, i]
-            # Optimal compensation of this column's error by the block's remaining columns.
-            w_block[:, i + 1:] -= torch.outer(err, hinv_block[i, i + 1:])
-            err_block[:, i] = err
-        # Lazy batch update: the columns after the block receive all its errors in one matmul.
-        w[:, end:] -= err_block @ hinv[start:end, end:]
-
+    codes, deq = _quantize_columns(w, hinv, scale, zero, group_of_position, segments, bits=bits,
+                                   sym=sym, group=group, dynamic=grouped and not static_groups,
+                                   block_size=block_size)
     if perm is not None:
         inverse = torch.argsort(perm)
         codes, deq = codes[:, inverse], deq[:, inverse]
+    return deq, codes, scale, zero, group_index, float(damp_used), retries
+
+
+@torch.no_grad()
+def gptq_quantize_full(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int,
+                       group_size: int = -1, sym: bool = False, act_order: bool = False,
+                       static_groups: bool = False, damp: float = 0.01,
+                       block_size: int = 128) -> GPTQResult:
+    _validate(weight, hessian, bits, group_size, block_size)
+    deq, codes, scale, zero, group_index, damp_used, retries = _gptq_float32(
+        weight.detach().to(torch.float32).clone(), hessian, [slice(None)], bits=bits,
+        group_size=group_size, sym=sym, act_order=act_order, static_groups=static_groups, damp=damp,
+        block_size=block_size)
     return GPTQResult(deq.to(weight.dtype), codes.to(torch.uint8), scale, zero, group_index,
-                      float(damp_used), retries)
+                      damp_used, retries)
+
+
+@torch.no_grad()
+def gptq_quantize_stacked(weights: list[torch.Tensor], hessian: torch.Tensor, *, bits: int,
+                          group_size: int = -1, sym: bool = False, act_order: bool = False,
+                          static_groups: bool = False, damp: float = 0.01,
+                          block_size: int = 128) -> list[GPTQResult]:
+    """GPTQ of several weights that read the same input (q/k/v, gate/up) in one sweep: GPTQ
+    treats rows independently given the Hessian, so their rows are stacked and the per-column
+    work and the factorization are paid once. Returns what gptq_quantize_full returns for each
+    weight alone, bit for bit (see _quantize_columns for why); group_index, damp_used and
+    retries are the same for all."""
+    if not weights:
+        return []
+    for weight in weights:
+        _validate(weight, hessian, bits, group_size, block_size)
+    starts, total = [], 0
+    for weight in weights:
+        starts.append(total)
+        total += -(-weight.shape[0] // STACK_ALIGN_ROWS) * STACK_ALIGN_ROWS
+    segments = [slice(first, first + weight.shape[0]) for first, weight in zip(starts, weights)]
+    # Padding rows are zeros: they quantize to zero with zero error and are never returned.
+    stacked = torch.zeros(total, weights[0].shape[1], dtype=torch.float32, device=weights[0].device)
+    for rows, weight in zip(segments, weights):
+        stacked[rows] = weight.detach()
+    deq, codes, scale, zero, group_index, damp_used, retries = _gptq_float32(
+        stacked, hessian, segments, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
+        static_groups=static_groups, damp=damp, block_size=block_size)
+    return [GPTQResult(deq[rows].to(weight.dtype, copy=True), codes[rows].to(torch.uint8),
+                       scale[rows].clone(), zero[rows].clone(), group_index.clone(), damp_used,
+                       retries)
+            for rows, weight in zip(segments, weights)]
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int = -1,

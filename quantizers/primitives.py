@@ -45,9 +45,17 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gro
 
 def grid_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point for each row of a 2-D float tensor (the last dim is reduced)."""
+    wmin, wmax = w.min(dim=-1, keepdim=True).values, w.max(dim=-1, keepdim=True).values
+    return grid_params_from_range(wmin, wmax, bits, sym)
+
+
+def grid_params_from_range(wmin: torch.Tensor, wmax: torch.Tensor, bits: int,
+                           sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """grid_params from each row's min and max, so that a row held in pieces needs no
+    concatenation: min and max are exact, so the pieces' extremes give the same grid."""
     maxq = 2 ** bits - 1
-    xmin = w.min(dim=-1, keepdim=True).values.clamp(max=0)
-    xmax = w.max(dim=-1, keepdim=True).values.clamp(min=0)
+    xmin = wmin.clamp(max=0)
+    xmax = wmax.clamp(min=0)
     if sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = -xmax

@@ -173,3 +173,127 @@ def test_clip_never_increases_the_error(bits, group_size):
         before = _group_errors(x, w[r:r + 1], plain[r:r + 1], g)
         after = _group_errors(x, w[r:r + 1], with_clip[r:r + 1], g)
         assert (after <= before * (1 + 1e-5) + 1e-9).all()
+
+
+# -- The one-candidate-at-a-time searches as of commit 40de34e: the reference for the batched
+# searches, which must choose the same scale, alpha, error and clip bounds bit for bit. The
+# helpers they call (_grouped, _sample_rows, apply_clip, fake_quantize) are unchanged since.
+def _old_output_mse(x, weight, weight_q, row_chunk):
+    total = 0.0
+    for start in range(0, x.shape[0], row_chunk):
+        rows = slice(start, start + row_chunk)
+        diff = x[rows] @ weight_q.T - x[rows] @ weight.T
+        total += diff.pow(2).sum().item()
+    return total / (x.shape[0] * weight.shape[0])
+
+
+def _old_search_scale(x, linears, *, bits, group_size, sym, n_grid=20, row_chunk=4096):
+    x = x.reshape(-1, x.shape[-1]).float()
+    weights = [linear.weight.detach().float() for linear in linears]
+    act_mean = x.abs().mean(dim=0)
+    best = (torch.ones_like(act_mean), 0.0, float("inf"))
+    for k in range(n_grid):
+        alpha = k / n_grid
+        s = act_mean.pow(alpha).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        error = sum(_old_output_mse(x, w, fake_quantize(w * s, bits, group_size, sym).dequantized
+                                    / s, row_chunk) for w in weights)
+        if error < best[2]:
+            best = (s, alpha, error)
+    return best
+
+
+def _old_clip_chunk(xg, w, *, bits, g, sym, n_grid, n_shrink):
+    wg = awq._grouped(w, g)
+    original_max = wg.abs().amax(dim=-1)
+    reference = torch.einsum("ngk,rgk->nrg", xg, wg)
+    best_max, best_err = original_max.clone(), torch.full_like(original_max, float("inf"))
+    for i in range(n_shrink):
+        max_val = original_max * (1 - i / n_grid)
+        clipped = awq.apply_clip(w, max_val, g)
+        wq = awq._grouped(fake_quantize(clipped, bits, g, sym).dequantized, g)
+        err = (torch.einsum("ngk,rgk->nrg", xg, wq) - reference).pow(2).mean(dim=0)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_max = torch.where(better, max_val, best_max)
+    return best_max
+
+
+def _old_search_clip(x, weight, *, bits, group_size, sym, n_grid=20, max_shrink=0.5,
+                     n_sample_tokens=512, seed=0, budget=2 ** 24):
+    w = weight.detach().float()
+    g = w.shape[1] if group_size == -1 or group_size >= w.shape[1] else group_size
+    xs = awq._sample_rows(x.reshape(-1, x.shape[-1]).float(), n_sample_tokens, seed)
+    xg = awq._grouped(xs, g)
+    n_shrink = max(1, int(max_shrink * n_grid))
+    chunk = max(1, budget // (xg.shape[0] * xg.shape[1]))
+    return torch.cat([_old_clip_chunk(xg, w[start:start + chunk], bits=bits, g=g, sym=sym,
+                                      n_grid=n_grid, n_shrink=n_shrink)
+                      for start in range(0, w.shape[0], chunk)])
+
+
+def _random_layer(seed, rows, cols, out, n_linears=1):
+    """Outlier input channels and heavy-tailed weights, so both searches have real choices."""
+    g = _gen(seed)
+    x = torch.randn(rows, cols, generator=g)
+    x[:, [1, cols // 2]] *= 20
+    linears = []
+    for _ in range(n_linears):
+        linear = nn.Linear(cols, out, bias=False)
+        spikes = torch.rand(out, cols, generator=g) > 0.97
+        linear.weight.data = torch.randn(out, cols, generator=g) * (1 + 4 * spikes)
+        linears.append(linear)
+    return x, linears
+
+
+SEARCH_CASES = [dict(bits=2, group_size=16, sym=False), dict(bits=3, group_size=24, sym=True),
+                dict(bits=4, group_size=-1, sym=False), dict(bits=4, group_size=16, sym=True)]
+# (rows of x, in, out, Linears): 7 outputs and 40 inputs (groups of 24 padded) are odd sizes.
+SEARCH_SHAPES = [(512, 64, 32, 1), (77, 40, 7, 3), (300, 96, 48, 2)]
+
+
+@pytest.mark.parametrize("options", SEARCH_CASES)
+@pytest.mark.parametrize("shape", SEARCH_SHAPES)
+@pytest.mark.parametrize("n_grid", [20, 7])
+def test_batched_scale_search_equals_the_one_candidate_loop(options, shape, n_grid):
+    x, linears = _random_layer(sum(shape) + n_grid, *shape)
+    s, alpha, error = awq.search_scale(x, linears, n_grid=n_grid, **options)
+    s_old, alpha_old, error_old = _old_search_scale(x, linears, n_grid=n_grid, **options)
+    assert torch.equal(s, s_old) and alpha == alpha_old and error == error_old
+
+
+def test_scale_search_batches_and_row_chunks_change_nothing(monkeypatch):
+    x, linears = _random_layer(3, 300, 64, 32, n_linears=2)
+    # Three candidates per batch (20 = 3 x 6 + 2) and row chunks of 128 (300 = 2 x 128 + 44).
+    monkeypatch.setattr(awq, "_SEARCH_BUDGET_CPU", 3 * 32 * 64)
+    monkeypatch.setattr(awq, "_ROW_CHUNK", 128)
+    s, alpha, error = awq.search_scale(x, linears, bits=3, group_size=16, sym=False)
+    s_old, alpha_old, error_old = _old_search_scale(x, linears, bits=3, group_size=16, sym=False,
+                                                    row_chunk=128)
+    assert torch.equal(s, s_old) and alpha == alpha_old and error == error_old
+    assert alpha > 0
+
+
+@pytest.mark.parametrize("options", SEARCH_CASES)
+@pytest.mark.parametrize("shape", SEARCH_SHAPES)
+@pytest.mark.parametrize("n_grid,max_shrink", [(20, 0.5), (7, 0.6), (1, 0.5)])
+def test_batched_clip_search_equals_the_one_candidate_loop(options, shape, n_grid, max_shrink):
+    x, linears = _random_layer(sum(shape) + n_grid, *shape)
+    w = linears[0].weight
+    kwargs = dict(n_grid=n_grid, max_shrink=max_shrink, n_sample_tokens=256, **options)
+    assert torch.equal(awq.search_clip(x, w, **kwargs), _old_search_clip(x, w, **kwargs))
+
+
+def test_clip_search_row_chunks_candidate_batches_and_ties_keep_the_first_best(monkeypatch):
+    x, linears = _random_layer(4, 256, 64, 32)
+    x[:, 16:32] = 0   # group 1 never fires: every bound has error 0, and no clip must win
+    w = linears[0].weight
+    monkeypatch.setattr(awq, "_CLIP_BUDGET", 256 * 4 * 5)   # 5 rows per chunk: 32 = 6 x 5 + 2
+    old = _old_search_clip(x, w, bits=3, group_size=16, sym=False, budget=256 * 4 * 5)
+    for per_batch in (10, 3, 1):   # candidates per batch: 10 = 3 x 3 + 1
+        monkeypatch.setattr(awq, "_SEARCH_BUDGET_CPU", per_batch * 5 * 64)
+        max_val = awq.search_clip(x, w, bits=3, group_size=16, sym=False)
+        assert torch.equal(max_val, old), per_batch
+    assert torch.equal(max_val[:, 1], w.detach().abs()[:, 16:32].amax(dim=1))
+    original_max = w.detach().abs().reshape(32, 4, 16).amax(-1)
+    assert (max_val[:, [0, 2, 3]] < original_max[:, [0, 2, 3]]).any()   # elsewhere it did clip

@@ -1,9 +1,15 @@
 """GPTQ: exactness against RTN where it must agree, lower layer-output error where it must win,
-codes that rebuild the weight bit for bit, dead columns, damping retries, the Hessian."""
+codes that rebuild the weight bit for bit, dead columns, damping retries, the Hessian, the same
+bits as the earlier column-at-a-time code, stacked weights equal to one weight at a time."""
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from quantizers.gptq import HessianAccumulator, dequantize, gptq_quantize, gptq_quantize_full
+from quantizers.gptq import (HessianAccumulator, dequantize, gptq_quantize, gptq_quantize_full,
+                             gptq_quantize_stacked)
 from quantizers.primitives import fake_quantize
 
 ROWS, COLS = 32, 64
@@ -166,3 +172,68 @@ def test_weighted_accumulator_matches_token_weighted_formula():
     assert torch.allclose(acc.hessian, 2 / 90 * x.T @ torch.diag(lam) @ x, atol=1e-5)
     with pytest.raises(ValueError, match="non-negative"):
         acc.add_batch(x[:2], weights=torch.tensor([1.0, -1.0]))
+
+
+RESULT_FIELDS = ("dequantized", "codes", "scale", "zero", "group_index", "damp_used", "retries")
+# Option sets that reach every path: per channel, dynamic groups inside blocks and straddling
+# them (the pending-update matmul), act_order, static groups, symmetric, dead columns.
+PATHS = [
+    dict(), dict(group_size=16), dict(group_size=16, act_order=True),
+    dict(group_size=16, act_order=True, static_groups=True), dict(group_size=24, sym=True),
+    dict(group_size=16, block_size=10), dict(group_size=24, act_order=True, block_size=10),
+    dict(group_size=32, sym=True, block_size=16), dict(act_order=True, block_size=7),
+]
+
+
+def assert_same_result(a, b):
+    for field in RESULT_FIELDS:
+        x, y = getattr(a, field), getattr(b, field)
+        assert (torch.equal(x, y) and x.dtype == y.dtype) if torch.is_tensor(x) else x == y, field
+
+
+@pytest.fixture(scope="module")
+def frozen():
+    """The cores as of commit 40de34e, kept in benchmarks/perf/_reference_quant.py."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "perf" / "_reference_quant.py"
+    spec = importlib.util.spec_from_file_location("_reference_quant", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("options", PATHS)
+@pytest.mark.parametrize("dead", [False, True])
+def test_same_bits_as_the_frozen_column_at_a_time_code(frozen, options, dead):
+    x = correlated_inputs()
+    if dead:
+        x[:, 5] = 0
+    w, h = torch.randn(ROWS, COLS, generator=generator(11)), hessian_of(x)
+    for bits in (2, 4):
+        assert_same_result(gptq_quantize_full(w, h, bits=bits, **options),
+                           frozen.gptq_quantize_full(w, h, bits=bits, **options))
+
+
+@pytest.mark.parametrize("options", PATHS)
+def test_stacked_weights_equal_one_weight_at_a_time_bit_for_bit(options):
+    # 7 rows: without the 16-row alignment the third weight would start off a 64-byte boundary,
+    # and with block_size 10 MKL's small-matrix kernels then round some of its lazy updates in
+    # the last bit (this test fails with STACK_ALIGN_ROWS = 1), enough to move a code.
+    cols = 100
+    g = generator(12)
+    x = torch.randn(512, cols, generator=g) @ torch.randn(cols, cols, generator=g) / cols ** 0.5
+    x[:, 3] *= 10
+    h = hessian_of(x)
+    weights = [torch.randn(rows, cols, generator=g) for rows in (32, 7, 48)]
+    weights[1] = weights[1].to(torch.bfloat16)
+    stacked = gptq_quantize_stacked(weights, h, bits=3, **options)
+    assert len(stacked) == len(weights)
+    for weight, result in zip(weights, stacked):
+        assert_same_result(result, gptq_quantize_full(weight, h, bits=3, **options))
+
+
+def test_stacked_rejects_a_weight_of_another_width(layer):
+    _, w, h = layer
+    assert gptq_quantize_stacked([], h, bits=4) == []
+    with pytest.raises(ValueError, match="hessian"):
+        gptq_quantize_stacked([w, w[:, :10]], h, bits=4)
