@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from quantizers.config import MethodParams
-from quantizers.gptq import HessianAccumulator, gptq_quantize_full
+from quantizers.gptq import HessianAccumulator, gptq_quantize_full, gptq_quantize_stacked
 from quantizers.methods import Method, QuantOutput, register_method
 from quantizers.primitives import QuantizedTensor
 from quantizers.walker import Feed, Window, walk
@@ -35,26 +35,32 @@ class GPTQ(Method):
 
     def quantize_window(self, window: Window, feed: Feed, config) -> QuantOutput:
         params: GPTQParams = config.params
-        hessians: dict[str, HessianAccumulator] = {}
-        shared: dict[str, HessianAccumulator] = {}
+        groups: dict[str, tuple[list, HessianAccumulator]] = {}
 
         def accumulate(group, x, token_weights):
             key = group[0].name
-            if key not in shared:
-                shared[key] = HessianAccumulator(group[0].module.in_features, group[0].module.weight.device)
-                hessians.update({t.name: shared[key] for t in group})
-            shared[key].add_batch(x, token_weights)
+            if key not in groups:
+                groups[key] = (group, HessianAccumulator(group[0].module.in_features, group[0].module.weight.device))
+            groups[key][1].add_batch(x, token_weights)
 
         feed.gather(window.targets, accumulate)
+        options = dict(group_size=config.group_size, sym=config.sym,
+                       act_order=params.act_order, static_groups=params.static_groups, damp=params.damp,
+                       block_size=params.block_size)
+        results = {}
+        for group, hessian in groups.values():
+            # Linears reading one input share its Hessian, and GPTQ treats rows independently:
+            # one pass over their stacked rows gives each the result it would get alone.
+            weights = [t.module.weight for t in group]
+            bits = group[0].bits
+            outputs = (gptq_quantize_stacked(weights, hessian.hessian, bits=bits, **options) if len(group) > 1
+                       else [gptq_quantize_full(weights[0], hessian.hessian, bits=bits, **options)])
+            results.update({t.name: result for t, result in zip(group, outputs)})
         out = QuantOutput()
         for target in window.targets:
-            weight = target.module.weight
-            result = gptq_quantize_full(
-                weight, hessians[target.name].hessian, bits=target.bits, group_size=config.group_size,
-                sym=config.sym, act_order=params.act_order, static_groups=params.static_groups,
-                damp=params.damp, block_size=params.block_size)
+            result = results[target.name]
             with torch.no_grad():
-                weight.copy_(result.dequantized)
+                target.module.weight.copy_(result.dequantized)
             out.add(target.name, target.component, target.bits,
                     QuantizedTensor(result.codes, result.scale, result.zero, result.group_index, result.dequantized),
                     config.sym)
