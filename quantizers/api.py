@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from quantizers.bpw import FP_BITS, LayerRecord, bits_per_weight
-from quantizers.cache import QuantEntry, apply_entry, parameter_digests
+from quantizers.cache import QuantEntry, apply_entry, change_markers
 from quantizers.config import ConfigError, QuantConfig
 from quantizers.methods import QuantOutput, get_method
 from quantizers.primitives import fake_quantize_activation
@@ -40,7 +40,7 @@ class QuantReport:
                    meta["backend"], meta["details"], from_cache=True)
 
 
-def check_coverage(before: dict[str, str], after: dict[str, str], targets: list[Target],
+def check_coverage(before: dict, after: dict, targets: list[Target],
                    allowed: set[str] = frozenset()) -> None:
     """Every targeted weight changed and nothing else did (mmq silently skipped layers), except
     parameters the method declares it changed on purpose (AWQ's folds into norms)."""
@@ -76,9 +76,9 @@ def quantize(adapter, config: QuantConfig, batches: list[dict] | None = None,
         raise ConfigError(f"config {config.name!r}: method {config.method} needs calibration data")
     started = time.perf_counter()
     targets = select_targets(adapter, config)
-    before = parameter_digests(adapter.model)
+    before = change_markers(adapter.model)
     output: QuantOutput = method.quantize(adapter, targets, config, batches, progress)
-    check_coverage(before, parameter_digests(adapter.model), targets, output.changed)
+    check_coverage(before, change_markers(adapter.model), targets, output.changed)
     _activations(adapter, config, targets)
     report = QuantReport(config, output.layers, bits_per_weight(adapter.model, output.layers, components),
                          time.perf_counter() - started, details=output.details)

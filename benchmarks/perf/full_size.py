@@ -139,6 +139,27 @@ def main() -> None:
                    samples_per_s=round(len(chosen) / clock.seconds, 2), peak_gb=round(clock.peak_gb, 1),
                    same_as_batch1=predictions[batch] == predictions.get(1, predictions[batch]))
 
+    if "eval_profile" in work:   # where one batch's time goes (this tree's adapter API)
+        batch = samples[:64]
+        prompts = [vqav2_prompt(adapter, s) for s in batch]
+        images = [s.image() for s in batch]
+        with Clock(torch, device) as encode_clock:
+            encoded = adapter.encode(images, prompts)
+        with Clock(torch, device) as move_clock:
+            inputs = adapter.to_device(encoded)
+        with torch.inference_mode(), Clock(torch, device) as prefill_clock:
+            model(**inputs, use_cache=False, logits_to_keep=1)
+        with Clock(torch, device) as generate_clock:
+            adapter.generate_encoded(encoded, vqav2.MAX_NEW_TOKENS)
+        with torch.inference_mode(), Clock(torch, device) as vision_clock:
+            model.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                           vision_feature_layer=model.config.vision_feature_layer,
+                                           vision_feature_select_strategy=model.config.vision_feature_select_strategy)
+        report(work="eval_profile", batch=64, encode_s=round(encode_clock.seconds, 3),
+               to_device_s=round(move_clock.seconds, 3), prefill_s=round(prefill_clock.seconds, 3),
+               vision_s=round(vision_clock.seconds, 3), generate_s=round(generate_clock.seconds, 3),
+               attn=getattr(model.config, "_attn_implementation", "?"))
+
     if any(w in work for w in ("gptq_lm", "awq_lm", "gptq_vision")):
         texts = [adapter.calibration_text(s.question, s.multiple_choice_answer) for s in calibration]
         batches = [adapter.model_inputs([s.image() for s in calibration[i:i + 16]], texts[i:i + 16])

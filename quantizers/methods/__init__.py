@@ -54,6 +54,9 @@ class Method:
     Params: ClassVar[type[MethodParams]] = MethodParams
     calibrates: ClassVar[bool] = False       # needs calibration batches (never from the evaluated split)
     changes_weights: ClassVar[bool] = True   # False only for the unquantized baseline
+    # Kept in the on-disk cache: worth it when building costs far more than reading back (a
+    # calibrated method); RTN of a 13B model takes seconds on a GPU, writing its codes minutes.
+    cached: ClassVar[bool] = True
 
     def quantize(self, adapter, targets: list, config, batches: list[dict] | None,
                  progress: bool = False) -> QuantOutput:

@@ -10,6 +10,7 @@ from quantizers.primitives import fake_quantize
 @register_method
 class RTN(Method):
     name = "rtn"
+    cached = False   # deterministic and fast: recomputed rather than stored
 
     @torch.no_grad()
     def quantize(self, adapter, targets, config, batches=None, progress=False) -> QuantOutput:
