@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from quantizers.bpw import FP_BITS
+from quantizers.config import group_width
 from quantizers.primitives import fake_quantize
 
 SCALE_BUFFER = "awq_input_scale"
@@ -38,11 +39,6 @@ _SEARCH_BUDGET_CPU = 2 ** 20
 
 def _search_budget(device: torch.device) -> int:
     return _SEARCH_BUDGET_CUDA if device.type == "cuda" else _SEARCH_BUDGET_CPU
-
-
-def _group_width(cols: int, group_size: int) -> int:
-    """Same rule as fake_quantize: -1 or a group wider than the row means per channel."""
-    return cols if group_size == -1 or group_size >= cols else group_size
 
 
 def _candidate_scale(act_mean: Tensor, alpha: float) -> Tensor:
@@ -171,7 +167,7 @@ def search_clip(x: Tensor, weight: Tensor, *, bits: int, group_size: int, sym: b
     original max by (1 - i/n_grid), i = 0..int(max_shrink * n_grid) - 1; ties keep the smaller
     i. The reference takes every step-th token instead of a seeded random subset."""
     w = weight.detach().float()
-    g = _group_width(w.shape[1], group_size)
+    g = group_width(w.shape[1], group_size)
     xg = _grouped(_sample_rows(x.reshape(-1, x.shape[-1]).float(), n_sample_tokens, seed), g)
     n_shrink = max(1, int(max_shrink * n_grid))
     chunk = max(1, _CLIP_BUDGET // (xg.shape[0] * xg.shape[1]))
@@ -183,7 +179,7 @@ def search_clip(x: Tensor, weight: Tensor, *, bits: int, group_size: int, sym: b
 def apply_clip(weight: Tensor, max_val: Tensor, group_size: int) -> Tensor:
     """weight clamped to [-max_val, max_val] per (row, group); a new tensor in weight's dtype.
     Symmetric bounds also for asymmetric grids, as in the reference."""
-    g = _group_width(weight.shape[1], group_size)
+    g = group_width(weight.shape[1], group_size)
     bound = max_val.repeat_interleave(g, dim=1)[:, :weight.shape[1]].to(weight.dtype)
     return torch.clamp(weight, -bound, bound)
 

@@ -19,6 +19,7 @@ import torch
 # dequantize is re-exported: codes/scale/zero/group_index of a GPTQResult rebuild .dequantized
 # bit for bit through it, since it runs the same float32 arithmetic as primitives.quantize_with,
 # which the column sweep below spells out in place.
+from quantizers.config import group_width
 from quantizers.primitives import dequantize, grid_params, grid_params_from_range  # noqa: F401
 
 MAX_RETRIES = 3
@@ -205,7 +206,7 @@ def _gptq_float32(w, hessian, segments, *, bits, group_size, sym, act_order, sta
     rows, cols = w.shape
     h = hessian.detach().to(w.device, torch.float32).clone()
     # One group spanning every column is per-channel quantization, as in primitives.fake_quantize.
-    group = cols if group_size == -1 or group_size >= cols else group_size
+    group = group_width(cols, group_size)
     grouped = group < cols
     n_groups = -(-cols // group)
     scale = torch.zeros(rows, n_groups, device=w.device)
