@@ -39,6 +39,10 @@ class TaskDef:
     load_hf: Callable[..., Sequence]            # (dataset, split, revision) -> samples
     evaluate: Callable[..., Any]                # (adapter, samples, batch_size, progress, **options) -> TaskResult
     sample_id: str               # the per-sample log field that names a sample across runs
+    # The per-sample log field holding the sample's own score (mean over samples = the primary
+    # metric), for paired comparisons across runs; None where the metric is corpus-level
+    # (CIDEr's IDF, perplexity, retrieval recall over the whole gallery).
+    sample_score: str | None = None
     # Task-specific settings a grid may give (name -> default), passed to evaluate().
     options: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     # (samples, limit, seed) -> a seeded subset; retrieval keeps whole images with their captions.

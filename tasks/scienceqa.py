@@ -178,4 +178,4 @@ def evaluate(adapter: Any, samples: list[ScienceQASample], batch_size: int = 32,
 TASK = register_task(TaskDef(
     name=NAME, folder="scienceqa", default_split="test", requests=("multiple_choice",),
     primary_metric=PRIMARY_METRIC, higher_is_better=True, load_official=load_official, load_hf=load_hf,
-    evaluate=evaluate, sample_id="pid"))
+    evaluate=evaluate, sample_id="pid", sample_score="correct"))

@@ -174,4 +174,4 @@ def evaluate(adapter: Any, samples: list[VizWizSample], batch_size: int = 32,
 TASK = register_task(TaskDef(
     name=NAME, folder="vizwiz", default_split="val", requests=("short_answer_or_unanswerable",),
     primary_metric=PRIMARY_METRIC, higher_is_better=True, load_official=load_official, load_hf=load_hf,
-    evaluate=evaluate, sample_id="image"))
+    evaluate=evaluate, sample_id="image", sample_score="score"))

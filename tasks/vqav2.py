@@ -108,5 +108,5 @@ def evaluate(adapter: Any, samples: list[VQASample], batch_size: int = 32,
 TASK = register_task(TaskDef(
     name=NAME, folder="vqav2", default_split="val", requests=("short_answer",),
     primary_metric=PRIMARY_METRIC, higher_is_better=True, load_official=load_official, load_hf=load_hf,
-    evaluate=evaluate, sample_id="question_id",
+    evaluate=evaluate, sample_id="question_id", sample_score="score",
     calibration_pair=lambda sample: (sample.question, sample.multiple_choice_answer)))

@@ -127,3 +127,19 @@ def test_calibration_defaults_to_the_grids_own_data_for_its_task(tmp_path):
     assert (grid.calibration.task, grid.calibration.split, grid.calibration.data) == ("vqav2", "train", "my_vqa")
     with pytest.raises(GridError, match="calibration: unknown field"):
         load_grid(write(tmp_path, GOOD + "calibration: {sample: 3}\n"))
+
+
+def test_every_task_declares_itself_completely():
+    """The registry is the one place a task is known: every module registers a TaskDef whose
+    loaders and evaluation exist and whose request kinds some family answers."""
+    from fixtures.adapters import FAMILIES
+    from tasks.registry import all_tasks
+    tasks = all_tasks()
+    assert set(tasks) == {"vqav2", "coco_caption", "flickr_retrieval", "scienceqa", "vizwiz", "text_ppl"}
+    for task in tasks.values():
+        assert callable(task.load_official) and callable(task.load_hf) and callable(task.evaluate)
+        assert any(family.serves(task.requests) for family in FAMILIES.values()), task.name
+        assert (ROOT / "benchmarks" / f"test_{task.name}.py").is_file()
+    assert {t.name for t in tasks.values() if t.calibration_pair} == {"vqav2"}
+    assert {t.name: t.sample_score for t in tasks.values() if t.sample_score} == {
+        "vqav2": "score", "vizwiz": "score", "scienceqa": "correct"}
