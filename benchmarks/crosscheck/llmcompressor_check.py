@@ -51,6 +51,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from fixtures.adapters.base import ModelAdapter  # noqa: E402
+from fixtures.adapters.layouts import LLAMA  # noqa: E402
 from quantizers.api import quantize  # noqa: E402
 from quantizers.config import make_config  # noqa: E402
 
@@ -155,16 +157,25 @@ def mean_nll(model: nn.Module, ids: torch.Tensor, batch: int = 32) -> float:
 
 
 # -- our path -------------------------------------------------------------------------------------
-class CausalLMAdapter:
-    """The least of the adapter interface quantizers.api.quantize reads, for a plain causal LM:
-    the decoder stack is the `language` component, lm_head stays in full precision."""
+class CausalLMAdapter(ModelAdapter):
+    """The adapter contract for a plain Llama causal LM built in memory: the decoder stack is the
+    `language` component (Llama's block layout), lm_head stays in full precision. Calibration
+    batches are token ids, so there is nothing to encode or load."""
     family = "causal-lm"
     components = {"language": "model", "lm_head": "lm_head"}
     protected = ("lm_head",)
+    stacks = {"language": "layers"}
+    layouts = {"language": LLAMA}
 
     def __init__(self, model: nn.Module, name: str = "tiny-llama"):
-        self.model = model.eval()
-        self.name = name
+        super().__init__(name, model, None, torch.device("cpu"))
+
+    @classmethod
+    def load(cls, *args, **kwargs):
+        raise NotImplementedError("the cross-check builds its model in memory")
+
+    def encode(self, images, texts):
+        raise NotImplementedError("the cross-check calibrates on token ids")
 
 
 def calibration_batches(calib: torch.Tensor, batch: int) -> list[dict]:
@@ -407,7 +418,7 @@ def run_check(setup: Setup, with_awq: bool = True, log=print) -> dict:
     for label in ("gptq ours (static groups)", "gptq ours (dynamic groups)"):
         if theirs is not None and label in models:
             diffs[f"{label} vs gptq llm-compressor"] = weight_differences(models[label], theirs)
-    notes = ["ours: quantizers.api.quantize (calibration walker + gptq_block/awq_block) through an "
+    notes = ["ours: quantizers.api.quantize (calibration walker + the gptq/awq methods) through an "
              "in-file causal-LM adapter; lm_head and embeddings left in FP on both sides",
              "llm-compressor: oneshot(pipeline='sequential'), config.name_or_path pointed at a temp dir "
              "holding the config (validate_model re-reads it), in-memory WordLevel tokenizer as processor",
