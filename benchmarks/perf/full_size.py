@@ -41,7 +41,6 @@ def _random_init_module():
 
 
 def build_llava(config_dir: Path, device, dtype):
-    import torch  # noqa: F401
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     ri = _random_init_module()
