@@ -25,6 +25,18 @@ class _Measured:
     value: float
     higher_is_better: bool
     random_init: bool = False
+    n_samples: str = ""      # as written; "" when unknown
+    device_kind: str = ""    # "cpu", "cuda", ...: numerics differ between kinds
+
+    def incomparable_with(self, other: "_Measured") -> str | None:
+        """Why two measurements of one config cannot be judged against each other, or None."""
+        if self.random_init or other.random_init:
+            return "random-init weights"
+        if self.n_samples and other.n_samples and self.n_samples != other.n_samples:
+            return f"different samples (n {self.n_samples} vs {other.n_samples})"
+        if self.device_kind and other.device_kind and self.device_kind != other.device_kind:
+            return f"different device kinds ({self.device_kind} vs {other.device_kind})"
+        return None
 
 
 def _latest_by_key(rows: Sequence[dict[str, str]]) -> dict[MatchKey, _Measured]:
@@ -40,7 +52,8 @@ def _latest_by_key(rows: Sequence[dict[str, str]]) -> dict[MatchKey, _Measured]:
         # Unknown direction defaults to "higher is better", the common case
         # (accuracy, CIDEr, ...).
         higher = parse_bool(row.get("higher_is_better"))
-        latest[key] = _Measured(row.get("config", ""), value, higher is not False, is_random_init(row))
+        latest[key] = _Measured(row.get("config", ""), value, higher is not False, is_random_init(row),
+                                str(row.get("n_samples") or ""), str(row.get("device") or "").partition(":")[0])
     return latest
 
 
@@ -49,7 +62,7 @@ def _verdict(base: _Measured | None, head: _Measured | None, tolerance: float) -
         return "new"
     if head is None:
         return "missing"
-    if base.random_init or head.random_init:   # random weights: a timing run, not an accuracy
+    if base.incomparable_with(head):   # a score on other samples, numerics or random weights
         return "not comparable"
     change = head.value - base.value
     worsening = -change if head.higher_is_better else change
@@ -99,7 +112,8 @@ def compare(
         verdicts.append(verdict)
         change = "-" if before is None or after is None else f"{after.value - before.value:+.2f}"
         config = (after or before).config
-        cells = (config, model, task, metric, _fmt(before), _fmt(after), change, verdict)
+        shown = f"{verdict}: {before.incomparable_with(after)}" if verdict == "not comparable" else verdict
+        cells = (config, model, task, metric, _fmt(before), _fmt(after), change, shown)
         lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
 
     regressions = verdicts.count("REGRESSION")
@@ -108,7 +122,7 @@ def compare(
         f"{regressions} regression(s) among {verdicts.count('ok') + regressions} compared "
         f"metrics (tolerance {tolerance:g}); {verdicts.count('new')} new, "
         f"{verdicts.count('missing')} missing, {verdicts.count('not comparable')} not comparable "
-        f"(random-init weights)."
+        f"(measured on different samples or device kinds, or with random-init weights)."
     )
     return "\n".join(lines), regressions > 0
 

@@ -340,3 +340,20 @@ def test_same_values_lists_every_difference_by_test_and_metric():
     assert not identical
     assert "| t[a] | f1 | 1 | 2 |" in report and "| t[b] | accuracy | - | 3 |" in report
     assert "accuracy | 50.0" not in report
+
+
+@pytest.mark.parametrize("head_change, reason", [
+    ({"n_samples": 200}, "different samples (n 600 vs 200)"),
+    ({"device": "cuda:0"}, "different device kinds (cpu vs cuda)"),
+    ({"weights": "random-init"}, "random-init weights"),
+])
+def test_compare_never_calls_a_change_on_other_samples_devices_or_random_weights_a_regression(head_change, reason):
+    """The same config measured on the full split and with --limit 200 (issue 12's example), on
+    another device kind, or with random weights: a 2-point drop there is not a regression."""
+    base = make_row(value=88.5, n_samples=600, device="cpu")
+    head = make_row(value=86.1, **{"n_samples": 600, "device": "cpu", **head_change})
+    markdown, regressed = compare([base], [head], tolerance=1.0)
+    assert not regressed
+    assert f"not comparable: {reason}" in markdown and "1 not comparable" in markdown
+    same_device_kind = make_row(value=86.1, n_samples=600, device="cpu")
+    assert compare([make_row(value=88.5, n_samples=600, device="cpu")], [same_device_kind])[1]
