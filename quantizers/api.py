@@ -12,7 +12,7 @@ from quantizers.bpw import FP_BITS, LayerRecord, bits_per_weight
 from quantizers.cache import QuantEntry, apply_entry, change_markers
 from quantizers.config import ConfigError, QuantConfig
 from quantizers.methods import QuantOutput, get_method
-from quantizers.primitives import fake_quantize_activation
+from quantizers.primitives import QuantizationHook, fake_quantize_activation
 from quantizers.targets import Target, select_targets
 
 
@@ -54,10 +54,19 @@ def check_coverage(before: dict, after: dict, targets: list[Target],
                             + (f"changed but not targeted: {', '.join(stray)}" if stray else ""))
 
 
+class ActivationQuant(QuantizationHook):
+    """Forward pre-hook: dynamic per-token fake quantization of a Linear's input."""
+
+    def __init__(self, bits: int):
+        self.bits = bits
+
+    def __call__(self, module, args):
+        return (fake_quantize_activation(args[0], self.bits), *args[1:])
+
+
 def _attach_activation_quant(targets: list[Target], bits: int) -> None:
     for target in targets:
-        target.module.register_forward_pre_hook(
-            lambda module, args: (fake_quantize_activation(args[0], bits), *args[1:]))
+        target.module.register_forward_pre_hook(ActivationQuant(bits))
 
 
 def _activations(adapter, config: QuantConfig, targets: list[Target] | None = None) -> None:

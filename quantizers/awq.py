@@ -17,7 +17,7 @@ from torch.utils.hooks import RemovableHandle
 
 from quantizers.bpw import FP_BITS
 from quantizers.config import group_width
-from quantizers.primitives import fake_quantize
+from quantizers.primitives import QuantizationHook, fake_quantize
 
 SCALE_BUFFER = "awq_input_scale"
 _ROW_CHUNK = 4096          # calibration rows per matmul: bounds memory on long calibration sets
@@ -216,7 +216,7 @@ def fold_into_linear(prev: nn.Linear, linears: Sequence[nn.Linear], s: Tensor) -
     _scale_input_columns(linears, s)
 
 
-class ExplicitInputScale:
+class ExplicitInputScale(QuantizationHook):
     """Forward pre-hook dividing a Linear's input by its `awq_input_scale` buffer. Used where no
     exact fold exists (fc1 -> GELU -> fc2, post-LN blocks, a projector's first Linear). The
     scale is read at call time, so a buffer restored from a cache takes effect."""

@@ -30,6 +30,12 @@ class QuantizedTensor:
         return QuantizedTensor(self.codes.cpu(), self.scale.cpu(), self.zero.cpu(), self.group_index.cpu().long())
 
 
+class QuantizationHook:
+    """Base of every forward pre-hook quantization leaves on a model (activation fake-quant, AWQ's
+    explicit input scale). The runtime undoes a config by removing exactly these: the model's
+    own hooks (transformers installs some lazily, at the first forward) stay."""
+
+
 def plain_group_index(in_features: int, group_size: int) -> torch.Tensor:
     """Column -> group for consecutive groups of group_size columns (-1: one group per row)."""
     return torch.arange(in_features) // group_width(in_features, group_size)

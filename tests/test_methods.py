@@ -142,3 +142,18 @@ def test_configs_applied_in_place_match_fresh_copies_and_undo_exactly(bench):
     assert all(torch.equal(fp_params[n], p) for n, p in params(restored).items())
     assert hooks(restored) == fp_hooks and run(restored) == fp_predictions
     assert not any(name.endswith("awq_input_scale") for name, _ in restored.model.named_buffers())
+
+
+def test_undoing_a_config_keeps_the_models_own_hooks(bench):
+    """transformers registers its output-capturing hooks at a model's first forward. When that
+    forward is a quantized config's (an xdist worker whose first test is not the FP one), undoing
+    the config must remove only the quantization hooks, or the vision tower's hidden states are
+    gone for every later forward (IndexError in get_image_features)."""
+    pool = fresh_pool(bench)
+    samples = vqav2.load_official(bench.data.cache_dir / "world" / "vqav2", "val2014")[:4]
+    case = case_for(make_config("rtn-w4-vision", "rtn", {"vision": 4}, a_bits=8))
+    adapter, _ = pool.quantized(case, lambda a: None)
+    quantized = [s["prediction"] for s in vqav2.evaluate(adapter, samples, 4, progress=False).samples]
+    fp = [s["prediction"] for s in vqav2.evaluate(pool.fp(MODEL), samples, 4, progress=False).samples]
+    fresh = [s["prediction"] for s in vqav2.evaluate(fresh_pool(bench).fp(MODEL), samples, 4, progress=False).samples]
+    assert fp == fresh and len(quantized) == 4
