@@ -40,23 +40,6 @@ def _random_init_module():
     return module
 
 
-def build_llava(config_dir: Path, device, dtype):
-    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-
-    ri = _random_init_module()
-    config = LlavaConfig.from_pretrained(config_dir)
-    model = ri.random_model(LlavaForConditionalGeneration, config, device, dtype)
-    settings, template = ri.read_settings(config_dir)
-    specials = {"<unk>": 0, "<s>": 1, "</s>": 2, "<image>": config.image_token_index, "<pad>": config.pad_token_id}
-    tokenizer = ri.stand_in_tokenizer(config.text_config.vocab_size, specials, bos="<s>", eos="</s>", pad="<pad>",
-                                      unk="<unk>", extra_special={"image_token": "<image>"})
-    image_settings = {k: v for k, v in settings.pop("image_processor").items() if k != "image_processor_type"}
-    processor = LlavaProcessor(image_processor=CLIPImageProcessor(**image_settings), tokenizer=tokenizer,
-                               chat_template=template,
-                               **{k: v for k, v in settings.items() if k not in ("processor_class", "image_token")})
-    return model, processor
-
-
 class Clock:
     def __init__(self, torch, device):
         self.torch, self.device = torch, device
@@ -121,7 +104,8 @@ def main() -> None:
     samples = vqav2.load_official(world / "vqav2", "val")
     calibration = vqav2.load_official(world / "vqav2", "train")[:128]
     if set(work) - {"pool"}:
-        model, processor = build_llava(REPO / "fixtures/configs" / args.config, device, dtype)   # or a path
+        model, processor = _random_init_module().llava_model_and_processor(
+            REPO / "fixtures/configs" / args.config, device, dtype)   # or a path
         adapter = LlavaAdapter("perf", model, processor, device)
         report(work="model", parameters_b=sum(p.numel() for p in model.parameters()) / 1e9,
                prompt_tokens=adapter.model_inputs([samples[0].image()], [vqav2_prompt(adapter, samples[0])])["input_ids"].shape[1])
