@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from fixtures.adapters.base import ModelMissing  # noqa: E402
-from fixtures.runtime.grid import Grid, GridError, load_grid  # noqa: E402
+from fixtures.runtime.grid import Grid, GridError, load_grid, schedule_order  # noqa: E402
 from fixtures.runtime.session import CaseResult, Session  # noqa: E402
 from quantizers.config import COMPONENT_NAMES, MAX_BITS, MIN_BITS  # noqa: E402
 from quantizers.methods import all_methods  # noqa: E402
@@ -141,11 +141,21 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("case", params)
 
 
+def _case(item: pytest.Item):
+    return getattr(item, "callspec", None) and item.callspec.params.get("case")
+
+
+@pytest.hookimpl(trylast=True)   # after -m/-k have deselected: balance what will run
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run all tasks of one (model, config) back to back, so each config is quantized once."""
+    """Run all tasks of one (model, config) back to back, so each config is quantized once, in the
+    order that balances xdist workers (grid.schedule_order)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    cases = [case for case in map(_case, items) if case]
+    rank = {group: position for position, group in enumerate(schedule_order(cases, workers))}
+
     def key(item: pytest.Item):
-        case = getattr(item, "callspec", None) and item.callspec.params.get("case")
-        return (case.model.name, case.order) if case else ("", -1)
+        case = _case(item)
+        return (rank[case.group], case.order) if case else (len(rank), 0)   # "no case" skips last
     items.sort(key=key)
 
 
@@ -168,7 +178,7 @@ def outcome(case, request: pytest.FixtureRequest, record_property) -> CaseResult
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call):
     report = (yield).get_result()
-    case = getattr(item, "callspec", None) and item.callspec.params.get("case")
+    case = _case(item)
     if not case or not (report.when == "call" or (report.when == "setup" and not report.passed)):
         return
     status = {"passed": "passed", "failed": "failed" if report.when == "call" else "error",

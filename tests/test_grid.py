@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.runtime.grid import GridError, load_grid
+from fixtures.runtime.grid import GridError, group_costs, load_grid, schedule_order
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = """
@@ -143,3 +143,26 @@ def test_every_task_declares_itself_completely():
     assert {t.name for t in tasks.values() if t.calibration_pair} == {"vqav2"}
     assert {t.name: t.sample_score for t in tasks.values() if t.sample_score} == {
         "vqav2": "score", "vizwiz": "score", "scienceqa": "correct"}
+
+
+def test_group_costs_put_the_long_quantizations_first():
+    """xdist hands groups out in collection order; the estimate must rank GPTQ of the language
+    model above AWQ, AWQ above RTN, a language model above a vision tower, and FP last."""
+    grid = load_grid(Path("benchmarks/grids/perf.yaml"))
+    costs = group_costs(grid.cases)
+    by_name = {case.config.name: costs[case.group] for case in grid.cases}
+    assert by_name["gptq-w4g128-language"] > by_name["awq-w4g128-language"] > by_name["rtn-w4g128-language"]
+    assert by_name["gptq-w4g128-all"] > by_name["gptq-w4g128-language"] > by_name["gptq-w4g128-vision"]
+    assert min(by_name.values()) == by_name["fp16"]
+
+
+def test_schedule_order_pairs_the_longest_groups_with_the_shortest_for_xdist():
+    grid = load_grid(Path("benchmarks/grids/perf.yaml"))
+    costs = group_costs(grid.cases)
+    serial, pair = schedule_order(grid.cases, 1), schedule_order(grid.cases, 2)
+    assert sorted(serial) == sorted(pair) == sorted(costs)
+    assert [costs[g] for g in serial] == sorted(costs.values(), reverse=True)
+    # two workers: the two longest start, each with one of the two shortest queued behind it
+    assert {costs[g] for g in pair[:2]} == set(sorted(costs.values())[-2:])
+    assert {costs[g] for g in pair[2:4]} == set(sorted(costs.values())[:2])
+    assert [costs[g] for g in pair[4:]] == sorted([costs[g] for g in pair[4:]], reverse=True)

@@ -33,6 +33,7 @@ class AWQ(Method):
     name = "awq"
     Params = AWQParams
     calibrates = True
+    relative_cost = 0.45
 
     def quantize(self, adapter, targets, config, batches, progress=False) -> QuantOutput:
         return QuantOutput.merge(walk(adapter, targets, batches,

@@ -11,6 +11,7 @@ from quantizers.primitives import fake_quantize
 class RTN(Method):
     name = "rtn"
     cached = False   # deterministic and fast: recomputed rather than stored
+    relative_cost = 0.02
 
     @torch.no_grad()
     def quantize(self, adapter, targets, config, batches=None, progress=False) -> QuantOutput:
