@@ -32,7 +32,7 @@ def _verdict_cell(finding: Finding) -> str:
 
 def _interval_cell(finding: Finding) -> str:
     if finding.interval is not None:
-        return str(finding.interval)
+        return f"{finding.interval} on {finding.interval.n_paired} paired"
     # A judged change without an interval rests on the tolerance alone: say so where it is read.
     return "tolerance only" if finding.verdict in (REGRESSION, IMPROVEMENT) else "-"
 
