@@ -24,26 +24,23 @@ def _number(value: float | None, signed: bool = False) -> str:
     return f"{value:+.2f}" if signed else f"{value:.2f}"
 
 
-def _verdict_cell(finding: Finding) -> str:
-    if finding.verdict in (NOT_COMPARABLE,) or finding.reason.startswith("beyond tolerance"):
-        return f"{finding.verdict}: {finding.reason}"
-    return finding.verdict
-
-
-def _interval_cell(finding: Finding) -> str:
+def finding_cells(finding: Finding) -> tuple[str, ...]:
+    """The cells of one finding, as both the markdown and the HTML report show them."""
+    model, task, _hash, metric = finding.key
+    verdict = finding.verdict
+    if verdict == NOT_COMPARABLE or finding.reason.startswith("beyond tolerance"):
+        verdict += f": {finding.reason}"
     if finding.interval is not None:
-        return f"{finding.interval} on {finding.interval.n_paired} paired"
-    # A judged change without an interval rests on the tolerance alone: say so where it is read.
-    return "tolerance only" if finding.verdict in (REGRESSION, IMPROVEMENT) else "-"
+        interval = f"{finding.interval} on {finding.interval.n_paired} paired"
+    else:
+        # A judged change without an interval rests on the tolerance alone: say so where it is read.
+        interval = "tolerance only" if finding.verdict in (REGRESSION, IMPROVEMENT) else "-"
+    return (finding.config, model, task, metric, _number(finding.base and finding.base.value),
+            _number(finding.head and finding.head.value), _number(finding.change, True), interval, verdict)
 
 
 def _line(finding: Finding) -> str:
-    model, task, _hash, metric = finding.key
-    base = finding.base.value if finding.base else None
-    head = finding.head.value if finding.head else None
-    cells = (finding.config, model, task, metric, _number(base), _number(head), _number(finding.change, True),
-             _interval_cell(finding), _verdict_cell(finding))
-    return "| " + " | ".join(_cell(cell) for cell in cells) + " |"
+    return "| " + " | ".join(_cell(cell) for cell in finding_cells(finding)) + " |"
 
 
 def _table(findings: list[Finding]) -> list[str]:

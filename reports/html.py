@@ -11,7 +11,8 @@ from html import escape
 from pathlib import Path
 
 from reports.compare import (ADDED, IMPROVEMENT, NOT_COMPARABLE, REGRESSION, REMOVED, UNCHANGED, Comparison,
-                             Finding, compare_runs)
+                             compare_runs)
+from reports.compare_markdown import finding_cells
 from reports.plots import make_figures, png_bytes
 from reports.runs import Run, load_run
 from reports.schema import is_primary, is_random_init, parse_float
@@ -120,16 +121,6 @@ _SECTIONS = ((REGRESSION, "Regressions"), (IMPROVEMENT, "Improvements"), (NOT_CO
              (ADDED, "Added configs"), (REMOVED, "Removed configs"), (UNCHANGED, "Unchanged"))
 
 
-def _finding_cells(finding: Finding) -> tuple[str, ...]:
-    model, task, _hash, metric = finding.key
-    verdict = finding.verdict + (f": {finding.reason}" if finding.verdict == NOT_COMPARABLE
-                                 or finding.reason.startswith("beyond") else "")
-    interval = (f"{finding.interval} on {finding.interval.n_paired} paired" if finding.interval
-                else "tolerance only" if finding.verdict in (REGRESSION, IMPROVEMENT) else "-")
-    return (finding.config, model, task, metric, _number(finding.base and finding.base.value),
-            _number(finding.head and finding.head.value), _number(finding.change, True), interval, verdict)
-
-
 def _compare_section(comparison: Comparison, base: Run) -> str:
     counts = ", ".join(f"{len(comparison.having(verdict))} {title.lower()}" for verdict, title in _SECTIONS)
     parts = [f"<p>Against <code>{escape(base.describe())}</code>, tolerance {comparison.tolerance:g}: "
@@ -138,7 +129,7 @@ def _compare_section(comparison: Comparison, base: Run) -> str:
         findings = comparison.having(verdict)
         if findings:
             parts.append(f"<h3>{escape(title)} ({len(findings)})</h3>")
-            parts.append(_table(_COMPARE_HEADERS, [_finding_cells(f) for f in findings], numeric={4, 5, 6},
+            parts.append(_table(_COMPARE_HEADERS, [finding_cells(f) for f in findings], numeric={4, 5, 6},
                                 row_classes=[verdict.replace(" ", "-")] * len(findings)))
     return "".join(parts)
 
