@@ -173,16 +173,16 @@ def bpw_buckets(points: Sequence[Point]) -> list[list[Point]]:
 
 def methods_at_equal_bpw(groups: dict[tuple[str, str], list[dict[str, str]]]) -> Figure | None:
     """Grouped bars: per (model, task, bpw bucket) holding two or more methods, the best change vs
-    FP each method reached there."""
+    FP each method reached there, signed so that up is better (a perplexity rise points down)."""
     bars: list[tuple[str, dict[str, float]]] = []
     for (model, task), rows in sorted(groups.items()):
         higher = parse_bool(rows[0].get("higher_is_better")) is not False
         for bucket in bpw_buckets([p for p in _points(rows) if p.rel_delta is not None]):
             best: dict[str, float] = {}
             for point in bucket:
-                change = 100 * point.rel_delta
-                if point.method not in best or (change > best[point.method]) == higher:
-                    best[point.method] = change
+                # Signed so that up is better on every task, perplexity included.
+                gain = 100 * point.rel_delta * (1 if higher else -1)
+                best[point.method] = max(gain, best.get(point.method, gain))
             if len(best) >= 2:
                 bars.append((f"{model}\n{task}\n≈{bucket[0].bpw:.2f} bpw", best))
     if not bars:
@@ -198,7 +198,7 @@ def methods_at_equal_bpw(groups: dict[tuple[str, str], list[dict[str, str]]]) ->
         axes.bar_label(drawn, fmt="%+.1f", fontsize=7)
     axes.axhline(0, color="black", linewidth=0.8)
     axes.set_xticks(range(len(bars)), [label for label, _ in bars], fontsize=7)
-    axes.set_ylabel("change vs FP (%)")
+    axes.set_ylabel("change vs FP (%), up = better")
     axes.set_title("methods at equal size (best config of each method per bpw bucket)")
     axes.legend(fontsize=8)
     return figure
