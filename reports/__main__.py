@@ -1,4 +1,5 @@
-"""Command line for results files: python -m reports {compare,summary,plot,table}.
+"""Command line for results files and run dirs:
+python -m reports {compare,same,summary,plot,table,html,merge}.
 
 Exit codes are meant for CI: 0 fine, 1 a regression was found (compare),
 2 the input could not be used (missing or malformed CSV, bad arguments).
@@ -30,12 +31,14 @@ def _build_parser() -> argparse.ArgumentParser:
         help="flag primary metrics that got worse from BASE to HEAD",
         description=(
             "Match primary-metric rows by (model, task, config_hash, metric) and print a "
-            "markdown table. Exits 1 if any metric got worse by more than the tolerance, "
-            "0 otherwise, 2 if a file cannot be read."
+            "markdown report for a PR comment. A regression is a drop beyond the tolerance "
+            "whose paired bootstrap interval excludes zero (when both are run dirs with "
+            "per-sample logs; otherwise the tolerance alone). Exits 1 on a regression, "
+            "0 otherwise, 2 if an input cannot be used."
         ),
     )
-    compare.add_argument("base", metavar="BASE.csv", help="results of the reference run")
-    compare.add_argument("head", metavar="HEAD.csv", help="results of the run under test")
+    compare.add_argument("base", metavar="BASE", help="reference run: a results CSV or a run dir")
+    compare.add_argument("head", metavar="HEAD", help="run under test: a results CSV or a run dir")
     compare.add_argument(
         "--tolerance",
         type=float,
@@ -88,6 +91,33 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="8,4,3,2",
         help="columns to show, in this order (default: every width found, descending)",
     )
+
+    html = commands.add_parser(
+        "html",
+        help="write one self-contained HTML report page of a run",
+        description=(
+            "Write one HTML page with everything embedded (no external files): run metadata, "
+            "per-task tables, plots, and the compare against BASE when given."
+        ),
+    )
+    html.add_argument("run", metavar="RUN", help="a run dir or results CSV")
+    html.add_argument("--base", metavar="BASE", help="compare against this run (run dir or CSV)")
+    html.add_argument("-o", "--output", metavar="FILE",
+                      help="where to write the page (default: RUN/report.html, or next to the CSV)")
+    html.add_argument("--tolerance", type=float, default=1.0, metavar="X",
+                      help="tolerance of the compare section (default: 1.0)")
+
+    merge = commands.add_parser(
+        "merge",
+        help="join the run dirs of grid shards into one run dir",
+        description=(
+            "Join shard run dirs into OUT_DIR: results.csv (rows de-duplicated by test_id, "
+            "metric and config_hash; the latest timestamp wins), junit.xml, samples/ and "
+            "report.html. Damaged parts are skipped with a warning."
+        ),
+    )
+    merge.add_argument("out", metavar="OUT_DIR", help="the merged run dir (created; must not be a shard)")
+    merge.add_argument("shards", metavar="RUN_DIR", nargs="+", help="one run dir per shard")
     return parser
 
 
@@ -103,11 +133,26 @@ def _bit_widths(text: str) -> list[int]:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "compare":
-        from reports.compare import compare
+        from reports.compare import compare_runs
+        from reports.compare_markdown import format_markdown
+        from reports.runs import load_run
 
-        markdown, regressed = compare(read_rows(args.base), read_rows(args.head), args.tolerance)
-        print(markdown)
-        return EXIT_REGRESSION if regressed else EXIT_OK
+        base, head = load_run(args.base), load_run(args.head)
+        comparison = compare_runs(base, head, args.tolerance)
+        print(format_markdown(comparison, base.describe(), head.describe()))
+        return EXIT_REGRESSION if comparison.regressed else EXIT_OK
+    if args.command == "html":
+        from reports.html import write_report
+
+        print(write_report(args.run, args.base, args.output, args.tolerance))
+        return EXIT_OK
+    if args.command == "merge":
+        from reports.merge import merge_runs
+
+        for warning in merge_runs(args.out, args.shards):
+            print(f"warning: {warning}", file=sys.stderr)
+        print(args.out)
+        return EXIT_OK
     if args.command == "same":
         from reports.compare import same_values
 

@@ -1,130 +1,182 @@
-"""Compare two results files and flag primary metrics that got worse.
+"""Compare two runs and judge each primary metric: regression, improvement, unchanged, not
+comparable, added or removed.
 
-Rows are matched by (model, task, config_hash, metric): the config hash,
-not the config name, identifies what was measured, so a renamed config
-still matches and an edited one does not.
+Rows are matched by (model, task, config_hash, metric): the config hash, not the config name,
+identifies what was measured, so a renamed config still matches and an edited one does not.
+A change only counts when both sides measured the same thing the same way (same samples, same
+device kind, trained weights). When both sides are run dirs with per-sample logs, a change must
+also be beyond the noise: its paired bootstrap interval (reports/paired.py) must exclude zero.
 """
-
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
+from reports.paired import PairedInterval, paired_bootstrap, read_sample_scores, score_fields
+from reports.runs import Run
 from reports.schema import is_primary, is_random_init, parse_bool, parse_float
 
 MatchKey = tuple[str, str, str, str]
 
-# Float noise (e.g. 70.3 - 69.3) must not turn "exactly at tolerance" into a
-# regression.
+# Float noise (e.g. 70.3 - 69.3) must not turn "exactly at tolerance" into a regression.
 _EPSILON = 1e-9
+
+# Columns that say which samples a score was measured on. n_samples is in the contract; the
+# others are used when a results file has them (written by newer runs), and compared only when
+# both sides give a value.
+SAMPLE_IDENTITY_COLUMNS = ("n_samples", "split", "data_source", "sample_seed")
+
+REGRESSION, IMPROVEMENT, UNCHANGED = "REGRESSION", "improvement", "ok"
+NOT_COMPARABLE, ADDED, REMOVED = "not comparable", "added", "removed"
 
 
 @dataclass(frozen=True)
-class _Measured:
-    config: str
+class Measured:
+    """One side's primary metric of one matched key, with what decides comparability."""
+    row: dict[str, str]
     value: float
-    higher_is_better: bool
-    random_init: bool = False
-    n_samples: str = ""      # as written; "" when unknown
-    device_kind: str = ""    # "cpu", "cuda", ...: numerics differ between kinds
 
-    def incomparable_with(self, other: "_Measured") -> str | None:
+    @property
+    def config(self) -> str:
+        return self.row.get("config", "")
+
+    @property
+    def higher_is_better(self) -> bool:
+        # Unknown direction defaults to "higher is better", the common case (accuracy, CIDEr).
+        return parse_bool(self.row.get("higher_is_better")) is not False
+
+    @property
+    def device_kind(self) -> str:
+        return str(self.row.get("device") or "").partition(":")[0]   # "cuda:1" -> "cuda"
+
+    def incomparable_with(self, other: "Measured") -> str | None:
         """Why two measurements of one config cannot be judged against each other, or None."""
-        if self.random_init or other.random_init:
+        if is_random_init(self.row) or is_random_init(other.row):
             return "random-init weights"
-        if self.n_samples and other.n_samples and self.n_samples != other.n_samples:
-            return f"different samples (n {self.n_samples} vs {other.n_samples})"
+        for column in SAMPLE_IDENTITY_COLUMNS:
+            mine, theirs = str(self.row.get(column) or ""), str(other.row.get(column) or "")
+            if mine and theirs and mine != theirs:
+                short = "n" if column == "n_samples" else column
+                return f"different samples ({short} {mine} vs {theirs})"
         if self.device_kind and other.device_kind and self.device_kind != other.device_kind:
             return f"different device kinds ({self.device_kind} vs {other.device_kind})"
         return None
 
 
-def _latest_by_key(rows: Sequence[dict[str, str]]) -> dict[MatchKey, _Measured]:
+@dataclass(frozen=True)
+class Finding:
+    key: MatchKey
+    verdict: str
+    base: Measured | None
+    head: Measured | None
+    reason: str = ""                       # not comparable: why; otherwise what the evidence was
+    interval: PairedInterval | None = None
+
+    @property
+    def config(self) -> str:
+        return (self.head or self.base).config
+
+    @property
+    def change(self) -> float | None:
+        return None if self.base is None or self.head is None else self.head.value - self.base.value
+
+
+@dataclass
+class Comparison:
+    findings: list[Finding]
+    tolerance: float
+    problems: list[str] = field(default_factory=list)   # damaged inputs, unusable sample logs
+
+    @property
+    def regressed(self) -> bool:
+        return any(finding.verdict == REGRESSION for finding in self.findings)
+
+    def having(self, verdict: str) -> list[Finding]:
+        return [finding for finding in self.findings if finding.verdict == verdict]
+
+
+def _latest_by_key(rows: Sequence[dict[str, str]]) -> dict[MatchKey, Measured]:
     """Primary rows with a numeric value; for repeated keys the last wins."""
-    latest: dict[MatchKey, _Measured] = {}
+    latest: dict[MatchKey, Measured] = {}
     for row in rows:
         value = parse_float(row.get("value"))
-        # A row without a value (the test failed before measuring) counts as
-        # absent, so it shows as new/missing rather than as a number.
+        # A row without a value (the test failed before measuring) counts as absent, so it
+        # shows as added/removed rather than as a number.
         if not is_primary(row) or value is None:
             continue
         key = (row.get("model", ""), row.get("task", ""), row.get("config_hash", ""), row.get("metric", ""))
-        # Unknown direction defaults to "higher is better", the common case
-        # (accuracy, CIDEr, ...).
-        higher = parse_bool(row.get("higher_is_better"))
-        latest[key] = _Measured(row.get("config", ""), value, higher is not False, is_random_init(row),
-                                str(row.get("n_samples") or ""), str(row.get("device") or "").partition(":")[0])
+        latest[key] = Measured(dict(row), value)
     return latest
 
 
-def _verdict(base: _Measured | None, head: _Measured | None, tolerance: float) -> str:
+def _interval(base_run: Run, head_run: Run, key: MatchKey, base: Measured, head: Measured,
+              problems: list[str]) -> tuple[PairedInterval | None, str]:
+    """The paired bootstrap interval of head - base, or None and the reason there is none."""
+    model, task, _hash, _metric = key
+    if base_run.root is None or head_run.root is None:
+        return None, "tolerance only: a side is a CSV file, not a run dir with per-sample logs"
+    fields = score_fields(task)
+    if fields is None:
+        return None, f"tolerance only: {task} has no per-sample score (corpus-level metric or unknown task)"
+    sides = []
+    for run, measured in ((base_run, base), (head_run, head)):
+        n_samples = parse_float(measured.row.get("n_samples"))
+        scores, note = read_sample_scores(run.samples_path(model, task, measured.config), fields,
+                                          measured.value, None if n_samples is None else int(n_samples))
+        if note:
+            problems.append(note)
+        if scores is None:
+            return None, "tolerance only: per-sample log missing or unusable (see problems)"
+        sides.append(scores)
+    interval = paired_bootstrap(*sides)
+    if interval is None:
+        return None, "tolerance only: fewer than two samples scored by both runs"
+    return interval, f"paired on {interval.n_paired} samples"
+
+
+def _judge(base_run: Run, head_run: Run, key: MatchKey, base: Measured | None, head: Measured | None,
+           tolerance: float, problems: list[str]) -> Finding:
     if base is None:
-        return "new"
+        return Finding(key, ADDED, None, head)
     if head is None:
-        return "missing"
-    if base.incomparable_with(head):   # a score on other samples, numerics or random weights
-        return "not comparable"
+        return Finding(key, REMOVED, base, None)
+    reason = base.incomparable_with(head)
+    if reason:   # a score on other samples, numerics or random weights
+        return Finding(key, NOT_COMPARABLE, base, head, reason)
     change = head.value - base.value
-    worsening = -change if head.higher_is_better else change
-    return "REGRESSION" if worsening > tolerance + _EPSILON else "ok"
+    gain = change if head.higher_is_better else -change
+    if abs(gain) <= tolerance + _EPSILON:
+        return Finding(key, UNCHANGED, base, head, "within tolerance")
+    interval, evidence = _interval(base_run, head_run, key, base, head, problems)
+    if interval is not None and not interval.excludes_zero():
+        return Finding(key, UNCHANGED, base, head, f"beyond tolerance but within noise ({evidence})", interval)
+    return Finding(key, REGRESSION if gain < 0 else IMPROVEMENT, base, head, evidence, interval)
 
 
-def _cell(text: str) -> str:
-    # A pipe inside a cell would split it into two columns.
-    return text.replace("|", "\\|")
-
-
-def _fmt(measured: _Measured | None) -> str:
-    return "-" if measured is None else f"{measured.value:.2f}"
-
-
-def compare(
-    base_rows: Sequence[dict[str, str]],
-    head_rows: Sequence[dict[str, str]],
-    tolerance: float = 1.0,
-) -> tuple[str, bool]:
-    """Match primary metrics of base and head and judge each change.
-
-    A regression is head worse than base by more than tolerance (in the
-    metric's own units), in the direction given by higher_is_better.
-    Returns a markdown report and whether any regression was found.
-    """
-    base = _latest_by_key(base_rows)
-    head = _latest_by_key(head_rows)
+def compare_runs(base_run: Run, head_run: Run, tolerance: float = 1.0) -> Comparison:
+    """Match the primary metrics of two runs and judge each (see the module docstring)."""
+    base, head = _latest_by_key(base_run.rows), _latest_by_key(head_run.rows)
+    problems = [f"base: {text}" for text in base_run.problems] + [f"head: {text}" for text in head_run.problems]
 
     def reading_order(key: MatchKey) -> tuple[str, ...]:
-        # Group by model, task and metric; within them order by config name,
-        # which a reader recognises (the hash only breaks ties).
+        # Group by model, task and metric; within them by config name, which a reader
+        # recognises (the hash only breaks ties).
         model, task, config_hash, metric = key
         return (model, task, metric, (head.get(key) or base[key]).config, config_hash)
 
-    keys = sorted(set(base) | set(head), key=reading_order)
+    findings = [_judge(base_run, head_run, key, base.get(key), head.get(key), tolerance, problems)
+                for key in sorted(set(base) | set(head), key=reading_order)]
+    return Comparison(findings, tolerance, problems)
 
-    lines = [
-        "| config | model | task | metric | base | head | change | verdict |",
-        "|---|---|---|---|---:|---:|---:|---|",
-    ]
-    verdicts = []
-    for key in keys:
-        model, task, _config_hash, metric = key
-        before, after = base.get(key), head.get(key)
-        verdict = _verdict(before, after, tolerance)
-        verdicts.append(verdict)
-        change = "-" if before is None or after is None else f"{after.value - before.value:+.2f}"
-        config = (after or before).config
-        shown = f"{verdict}: {before.incomparable_with(after)}" if verdict == "not comparable" else verdict
-        cells = (config, model, task, metric, _fmt(before), _fmt(after), change, shown)
-        lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
 
-    regressions = verdicts.count("REGRESSION")
-    lines.append("")
-    lines.append(
-        f"{regressions} regression(s) among {verdicts.count('ok') + regressions} compared "
-        f"metrics (tolerance {tolerance:g}); {verdicts.count('new')} new, "
-        f"{verdicts.count('missing')} missing, {verdicts.count('not comparable')} not comparable "
-        f"(measured on different samples or device kinds, or with random-init weights)."
-    )
-    return "\n".join(lines), regressions > 0
+def compare(base_rows: Sequence[dict[str, str]], head_rows: Sequence[dict[str, str]],
+            tolerance: float = 1.0) -> tuple[str, bool]:
+    """Rows in, (markdown report, whether anything regressed) out: tolerance only, since rows
+    alone carry no per-sample logs."""
+    from reports.compare_markdown import format_markdown
+    comparison = compare_runs(Run(Path("base"), list(base_rows)), Run(Path("head"), list(head_rows)), tolerance)
+    return format_markdown(comparison), comparison.regressed
 
 
 def same_values(base_rows: Sequence[dict[str, str]], head_rows: Sequence[dict[str, str]]) -> tuple[str, bool]:
@@ -143,3 +195,8 @@ def same_values(base_rows: Sequence[dict[str, str]], head_rows: Sequence[dict[st
     if identical:
         return summary, True
     return "\n".join(["| test | metric | base | head |", "|---|---|---:|---:|", *lines, "", summary]), False
+
+
+def _cell(text: str) -> str:
+    # A pipe inside a cell would split it into two columns.
+    return text.replace("|", "\\|")

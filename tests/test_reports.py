@@ -167,8 +167,8 @@ def test_merge_leaves_old_file_intact_when_replace_fails(tmp_path, monkeypatch):
 
 
 def verdicts(markdown: str) -> list[str]:
-    """The verdict cell of each table body line."""
-    lines = [line for line in markdown.splitlines() if line.startswith("| ")][1:]
+    """The verdict cell of each table body line, in every section."""
+    lines = [line for line in markdown.splitlines() if line.startswith("| ") and not line.startswith("| config |")]
     return [line.rstrip(" |").rsplit("| ", 1)[-1] for line in lines]
 
 
@@ -197,14 +197,14 @@ def test_compare_respects_lower_is_better():
     assert not fell
 
 
-def test_compare_reports_new_and_missing_without_failing():
+def test_compare_reports_added_and_removed_without_failing():
     base = [make_row(config_hash="gone", config="w3-old")]
     head = [make_row(config_hash="fresh", config="w2-new", value=1.0)]
 
     markdown, regressed = compare(base, head)
 
     assert not regressed
-    assert sorted(verdicts(markdown)) == ["missing", "new"]
+    assert sorted(verdicts(markdown)) == ["added", "removed"]
     assert "w3-old" in markdown and "w2-new" in markdown
 
 
