@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from fixtures.adapters.base import ModelMissing  # noqa: E402
 from fixtures.runtime.grid import Grid, GridError, load_grid, schedule_order  # noqa: E402
 from fixtures.runtime.session import CaseResult, Session  # noqa: E402
-from quantizers.config import COMPONENT_NAMES, MAX_BITS, MIN_BITS  # noqa: E402
+from quantizers.config import ACTIVATION_BITS, COMPONENT_NAMES, MAX_BITS, MIN_BITS  # noqa: E402
 from quantizers.methods import all_methods  # noqa: E402
 from reports.rundir import RunDir  # noqa: E402
 from reports.summary import format_summary  # noqa: E402
@@ -34,7 +34,6 @@ RUN_ID = pytest.StashKey[str]()
 FINAL_ROWS = pytest.StashKey[list]()
 PLOT_ERROR = pytest.StashKey[str]()
 OUTCOME = pytest.StashKey[CaseResult]()
-ACTIVATION_BITS = (4, 6, 8)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

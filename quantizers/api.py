@@ -8,11 +8,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from quantizers import activations
 from quantizers.bpw import FP_BITS, LayerRecord, bits_per_weight
 from quantizers.cache import QuantEntry, apply_entry, change_markers
 from quantizers.config import ConfigError, QuantConfig
 from quantizers.methods import QuantOutput, get_method
-from quantizers.primitives import QuantizationHook, fake_quantize_activation
 from quantizers.targets import Target, select_targets
 
 
@@ -54,24 +54,21 @@ def check_coverage(before: dict, after: dict, targets: list[Target],
                             + (f"changed but not targeted: {', '.join(stray)}" if stray else ""))
 
 
-class ActivationQuant(QuantizationHook):
-    """Forward pre-hook: dynamic per-token fake quantization of a Linear's input."""
-
-    def __init__(self, bits: int):
-        self.bits = bits
-
-    def __call__(self, module, args):
-        return (fake_quantize_activation(args[0], self.bits), *args[1:])
+def _attach_activations(adapter, config: QuantConfig, targets: list[Target],
+                        ranges: dict[str, activations.Range] | None) -> None:
+    if config.quantizes_activations:
+        activations.attach({t.name: t.module for t in targets}, config.a_bits, config.a_quant, ranges)
 
 
-def _attach_activation_quant(targets: list[Target], bits: int) -> None:
-    for target in targets:
-        target.module.register_forward_pre_hook(ActivationQuant(bits))
-
-
-def _activations(adapter, config: QuantConfig, targets: list[Target] | None = None) -> None:
-    if config.a_bits and config.a_bits < FP_BITS:
-        _attach_activation_quant(targets or select_targets(adapter, config), config.a_bits)
+def _activation_ranges(adapter, config: QuantConfig, targets: list[Target], batches: list[dict] | None,
+                       output: QuantOutput) -> dict[str, activations.Range]:
+    """Static activation ranges: the method's own (Q-VLM searches them), else fitted on the
+    calibration batches through the weight-quantized model."""
+    if not (config.quantizes_activations and config.a_quant.static):
+        return {}
+    if output.activation_ranges:
+        return output.activation_ranges
+    return activations.calibrate_ranges(adapter.model, {t.name: t.module for t in targets}, batches, config.a_quant)
 
 
 def quantize(adapter, config: QuantConfig, batches: list[dict] | None = None,
@@ -81,26 +78,30 @@ def quantize(adapter, config: QuantConfig, batches: list[dict] | None = None,
     components = dict(adapter.components)
     if not method.changes_weights:
         return QuantReport(config, bpw={k: float(FP_BITS) for k in ["model", *components]}), None
-    if method.calibrates and not batches:
-        raise ConfigError(f"config {config.name!r}: method {config.method} needs calibration data")
+    if config.calibrates and not batches:
+        raise ConfigError(f"config {config.name!r}: method {config.method}"
+                          + (" with static activation ranges" if not method.calibrates else "")
+                          + " needs calibration data")
     started = time.perf_counter()
     targets = select_targets(adapter, config)
     before = change_markers(adapter.model)
     output: QuantOutput = method.quantize(adapter, targets, config, batches, progress)
     check_coverage(before, change_markers(adapter.model), targets, output.changed)
-    _activations(adapter, config, targets)
+    ranges = _activation_ranges(adapter, config, targets, batches, output)
+    _attach_activations(adapter, config, targets, ranges)
     report = QuantReport(config, output.layers, bits_per_weight(adapter.model, output.layers, components),
                          time.perf_counter() - started, details=output.details)
     params = dict(adapter.model.named_parameters())
     entry = QuantEntry({f"{name}.weight": q.cpu() for name, q in output.quantized.items()},
                        {name: params[name].detach().cpu().clone() for name in output.changed},
-                       method.state(adapter.model), report.to_meta())
+                       {**method.state(adapter.model), **activations.ranges_to_state(ranges)}, report.to_meta())
     return report, entry
 
 
 def restore(adapter, config: QuantConfig, entry: QuantEntry) -> QuantReport:
     """Apply a cached entry to a fresh FP copy: weights, changed parameters, the method's state."""
     apply_entry(adapter.model, entry)
-    get_method(config.method).restore(adapter.model, entry.state)
-    _activations(adapter, config)
+    ranges, method_state = activations.split_state(entry.state)
+    get_method(config.method).restore(adapter.model, method_state)
+    _attach_activations(adapter, config, select_targets(adapter, config), ranges)
     return QuantReport.from_meta(config, entry.meta)

@@ -17,6 +17,9 @@ LAYER_TYPES = ("attention", "mlp", "both")
 COMPONENT_NAMES = ("vision", "qformer", "connector", "language", "lm_head")
 MIN_BITS, MAX_BITS = 2, 8
 FULL_PRECISION = 16
+ACTIVATION_BITS = (4, 6, 8)      # below 16; each has its mark (a4, a6, a8)
+ACTIVATION_GRANULARITIES = ("token", "tensor", "channel")
+ACTIVATION_CLIPS = ("minmax", "percentile")
 
 
 class ConfigError(ValueError):
@@ -48,11 +51,51 @@ class MethodParams:
 
 
 @dataclass(frozen=True)
+class ActivationQuant:
+    """How activations are quantized when a config sets a_bits (the grid's `a_quant:`); the
+    arithmetic and the hooks are in quantizers/activations.py, which explains each choice."""
+    granularity: str = "token"
+    clip: str = "minmax"
+    percentile: float = 0.999   # with clip: percentile; 1.0 would be min-max
+    sym: bool = False
+
+    @property
+    def static(self) -> bool:
+        return self.granularity != "token"
+
+    def label(self, bits: int) -> str:
+        clip = f"p{self.percentile:g}" if self.clip == "percentile" else self.clip
+        return f"a{bits}-{self.granularity}-{clip if self.static else 'dynamic'}-{'sym' if self.sym else 'asym'}"
+
+    @classmethod
+    def parse(cls, raw: Mapping | None, where: str) -> "ActivationQuant":
+        raw = dict(raw or {})
+        unknown = sorted(set(raw) - {"granularity", "clip", "percentile", "sym"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: granularity, clip, "
+                              "percentile, sym")
+        spec = cls(**raw)
+        if spec.granularity not in ACTIVATION_GRANULARITIES:
+            raise ConfigError(f"{where}: granularity must be one of {', '.join(ACTIVATION_GRANULARITIES)}, got {spec.granularity!r}")
+        if spec.clip not in ACTIVATION_CLIPS:
+            raise ConfigError(f"{where}: clip must be one of {', '.join(ACTIVATION_CLIPS)}, got {spec.clip!r}")
+        if spec.clip == "percentile" and not spec.static:
+            raise ConfigError(f"{where}: clip percentile needs a static granularity (tensor or channel)")
+        if isinstance(spec.percentile, bool) or not isinstance(spec.percentile, (int, float)) \
+                or not 0.5 < spec.percentile <= 1.0:
+            raise ConfigError(f"{where}: percentile must be a number in (0.5, 1], got {spec.percentile!r}")
+        if not isinstance(spec.sym, bool):
+            raise ConfigError(f"{where}: sym must be true or false, got {spec.sym!r}")
+        return spec
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     name: str
     method: str = "fp"
     w_bits: tuple[tuple[str, int], ...] = ()     # (component, bits); absent = full precision
-    a_bits: int | None = None                    # activation bits (dynamic, per token); None = 16
+    a_bits: int | None = None                    # activation bits; None = 16
+    a_quant: ActivationQuant = ActivationQuant()  # how, when a_bits is set (default: dynamic per token)
     group_size: int = -1                         # -1: one scale per output channel
     sym: bool = False
     layers: str = "all"          # all | first | middle | last (thirds of each stack) | "0-3" | "0,2,5"
@@ -73,8 +116,9 @@ class QuantConfig:
             if not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
                 raise ConfigError(f"{where}: bits for {component!r} must be an integer in "
                                   f"{MIN_BITS}..{MAX_BITS}, got {bits!r}")
-        if self.a_bits is not None and (not isinstance(self.a_bits, int) or not 4 <= self.a_bits <= 16):
-            raise ConfigError(f"{where}: a_bits must be an integer in 4..16, got {self.a_bits!r}")
+        if self.a_bits is not None and self.a_bits not in (*ACTIVATION_BITS, FULL_PRECISION):
+            raise ConfigError(f"{where}: a_bits must be one of {', '.join(map(str, ACTIVATION_BITS))} or 16, "
+                              f"got {self.a_bits!r}")
         if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size < 8):
             raise ConfigError(f"{where}: group_size must be -1 (per channel) or >= 8, got {self.group_size!r}")
         if self.layer_types not in LAYER_TYPES:
@@ -98,9 +142,27 @@ class QuantConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """Everything that changes the quantized weights (not the display name)."""
-        return {"method": self.method, "w_bits": list(self.w_bits), "a_bits": self.a_bits,
-                "group_size": self.group_size, "sym": self.sym, "layers": self.layers,
-                "layer_types": self.layer_types, "params": self.params.as_dict()}
+        found = {"method": self.method, "w_bits": list(self.w_bits), "a_bits": self.a_bits,
+                 "group_size": self.group_size, "sym": self.sym, "layers": self.layers,
+                 "layer_types": self.layer_types, "params": self.params.as_dict()}
+        if self.quantizes_activations:   # only then: weight-only configs keep their hashes
+            found["a_quant"] = dataclasses.asdict(self.a_quant)
+        return found
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return bool(self.a_bits) and self.a_bits < FULL_PRECISION
+
+    @property
+    def activation_label(self) -> str:
+        """e.g. a4-tensor-minmax-asym; "" for 16-bit activations."""
+        return self.a_quant.label(self.a_bits) if self.quantizes_activations else ""
+
+    @property
+    def calibrates(self) -> bool:
+        """Needs calibration batches: the method does, or static activation ranges are fitted."""
+        from quantizers.methods import get_method
+        return get_method(self.method).calibrates or (self.quantizes_activations and self.a_quant.static)
 
     def hash(self, *extra: Any) -> str:
         blob = json.dumps([self.fingerprint(), *extra], sort_keys=True, default=str)

@@ -96,10 +96,3 @@ def fake_quantize(weight: torch.Tensor, bits: int, group_size: int = -1, sym: bo
                            plain_group_index(cols, group_size).to(weight.device),
                            deq.reshape(rows, -1)[:, :cols].to(weight.dtype))
 
-
-def fake_quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Dynamic asymmetric per-token fake quantization of activations (last dim = channels)."""
-    flat = x.float().reshape(-1, x.shape[-1])
-    scale, zero = grid_params(flat, bits, sym=False)
-    _, deq = quantize_with(flat, scale, zero, bits)
-    return deq.reshape(x.shape).to(x.dtype)

@@ -161,13 +161,19 @@ def run_window(window: Window, item: BlockInput) -> torch.Tensor:
     return args[0]
 
 
+PartitionCallback = Callable[[str, list[Block], list[BlockInput]], list[int]]
+
+
 def walk(adapter, targets: list[Target], batches: list[dict],
          quantize_window: Callable[[Window, Feed], Any], progress: bool = True, *, window: int = 1,
-         grad: bool = False, token_weights: list[torch.Tensor] | None = None) -> list[Any]:
+         grad: bool = False, token_weights: list[torch.Tensor] | None = None,
+         partition: PartitionCallback | None = None) -> list[Any]:
     """Quantize every window that holds a target, in forward order; returns the windows' results.
 
     quantize_window(window, feed) must quantize window.targets in place; feed.run() and
-    feed.gather() run the window on all of its calibration inputs.
+    feed.gather() run the window on all of its calibration inputs. Windows are `window` blocks
+    each, or the sizes partition(component, blocks, first block's inputs) returns (Q-VLM's
+    entropy-guided blocks), which must add up to the number of blocks it was given.
     """
     if window < 1:
         raise ValueError(f"walker: window must be >= 1, got {window}")
@@ -176,9 +182,15 @@ def walk(adapter, targets: list[Target], batches: list[dict],
     for component in order:
         blocks = blocks_of(adapter, component, targets)
         last = max(i for i, b in enumerate(blocks) if b.targets)
-        windows = [Window(component, blocks[i:min(i + window, last + 1)], adapter.layout(component))
-                   for i in range(0, last + 1, window)]
         inputs = catch_inputs(adapter.model, blocks[0].module, batches, token_weights)
+        sizes = partition(component, blocks[:last + 1], inputs) if partition else None
+        if sizes is None:
+            sizes = [min(window, last + 1 - i) for i in range(0, last + 1, window)]
+        if sum(sizes) != last + 1 or min(sizes) < 1:
+            raise ValueError(f"walker: window sizes {sizes} do not partition {last + 1} blocks")
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        windows = [Window(component, blocks[start:start + size], adapter.layout(component))
+                   for start, size in zip(starts, sizes)]
         bar = tqdm(windows, desc=f"calibrate {component}", unit="window" if window > 1 else "block",
                    disable=not progress, leave=False)
         for current in bar:

@@ -40,10 +40,11 @@ CSV_COLUMNS: tuple[str, ...] = (
     "worker",
     "status",
     "weights",  # "trained", or "random-init": a performance row, never an accuracy figure
+    "a_quant",  # how activations are quantized, e.g. a4-tensor-minmax-asym; "" at 16 bits
 )
 
 # Columns added after the first release, with the value a file written before them means.
-OPTIONAL_COLUMNS: dict[str, str] = {"weights": "trained"}
+OPTIONAL_COLUMNS: dict[str, str] = {"weights": "trained", "a_quant": ""}
 RANDOM_INIT = "random-init"
 
 STATUSES: tuple[str, ...] = ("passed", "failed", "error", "skipped")

@@ -49,16 +49,28 @@ def _rows_to_show(rows: Sequence[dict[str, str]]) -> list[dict[str, str]]:
     ]
 
 
+def bits_label(row: dict[str, str]) -> str:
+    """Weight and activation bits side by side: w4a16, w4a4 (tensor-minmax), w4,8a16."""
+    widths = sorted({part.partition("=")[2] for part in row.get("w_bits", "").split(",") if "=" in part},
+                    key=lambda b: int(b) if b.isdigit() else 0)
+    label = f"w{','.join(widths) or '16'}a{row.get('a_bits') or '16'}"
+    how = row.get("a_quant", "")
+    if how:   # a4-tensor-minmax-asym -> tensor-minmax-asym
+        label += f" ({how.partition('-')[2]})"
+    return label
+
+
 def format_summary(rows: Sequence[dict[str, str]]) -> str:
     """Render the primary-metric rows as a table for the terminal."""
     shown = _rows_to_show(rows)
     if not shown:
         return "no results recorded"
 
-    headers = ("test_id", "metric", "value", "fp_value", "delta", "bpw", "quant s", "eval s", "status")
+    headers = ("test_id", "bits", "metric", "value", "fp_value", "delta", "bpw", "quant s", "eval s", "status")
     table = [
         (
             shorten_test_id(row.get("test_id", "")),
+            bits_label(row),
             row.get("metric", ""),
             _number(row.get("value", "")),
             _number(row.get("fp_value", "")),
@@ -73,7 +85,7 @@ def format_summary(rows: Sequence[dict[str, str]]) -> str:
     widths = [max(len(line[i]) for line in (headers, *table)) for i in range(len(headers))]
     # Text columns read best left-aligned, numbers right-aligned so the
     # decimal points line up.
-    text_columns = {0, 1, 8}
+    text_columns = {0, 1, 2, 9}
 
     def render(cells: Sequence[str]) -> str:
         padded = (

@@ -30,6 +30,9 @@ class QuantOutput:
     quantized: dict[str, QuantizedTensor] = field(default_factory=dict)
     changed: set[str] = field(default_factory=set)
     details: dict[str, dict] = field(default_factory=dict)
+    # Static activation ranges a method chose itself (Q-VLM's clipping search), by Linear name;
+    # empty: quantizers.api fits them on the calibration batches when the config needs them.
+    activation_ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def add(self, name: str, component: str, bits: int, result: QuantizedTensor, sym: bool,
             extra_bits: int = 0) -> None:
@@ -45,6 +48,7 @@ class QuantOutput:
             merged.quantized.update(other.quantized)
             merged.changed |= other.changed
             merged.details.update(other.details)
+            merged.activation_ranges.update(other.activation_ranges)
         return merged
 
 
