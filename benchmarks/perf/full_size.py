@@ -10,6 +10,8 @@ weights: timings only, never accuracy) and times, through the code of the tree g
                "0-3" of its blocks, or all), 128 calibration samples
   awq_lm       the same with AWQ
   gptq_vision  GPTQ W4 g128 of the vision tower
+  qvlm_all     (trees with Q-VLM) Q-VLM W4A4 of every component, static per-tensor activations:
+               encoder optimization and block search seconds, peak memory
   pool         (this tree only) the runtime's model pool: FP model + a quantized config (RTN W4
                g128 of the language model) + evaluation at --pool-batch, in place vs a deep copy
                per config (the old way); peak device memory of each
@@ -143,20 +145,27 @@ def main() -> None:
                vision_s=round(vision_clock.seconds, 3), generate_s=round(generate_clock.seconds, 3),
                attn=getattr(model.config, "_attn_implementation", "?"))
 
-    if any(w in work for w in ("gptq_lm", "awq_lm", "gptq_vision")):
+    if any(w in work for w in ("gptq_lm", "awq_lm", "gptq_vision", "qvlm_all")):
         texts = [adapter.calibration_text(s.question, s.multiple_choice_answer) for s in calibration]
         batches = [adapter.model_inputs([s.image() for s in calibration[i:i + 16]], texts[i:i + 16])
                    for i in range(0, len(calibration), 16)]
         originals = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
-        jobs = {"gptq_lm": ("gptq", "language", args.layers), "awq_lm": ("awq", "language", args.layers),
-                "gptq_vision": ("gptq", "vision", args.vision_layers)}
+        all_components = {"vision": 4, "connector": 4, "language": 4}
+        jobs = {"gptq_lm": ("gptq", {"language": 4}, args.layers, {}),
+                "awq_lm": ("awq", {"language": 4}, args.layers, {}),
+                "gptq_vision": ("gptq", {"vision": 4}, args.vision_layers, {}),
+                # Q-VLM W4A4, every component, static per-tensor activations: the paper's setting
+                "qvlm_all": ("qvlm", all_components, args.layers, _qvlm_activation_settings)}
         for name in [w for w in work if w in jobs]:
-            method, component, layers = jobs[name]
-            config = make_config(name, method, {component: 4}, group_size=128, layers=layers)
+            method, bits, layers, extra = jobs[name]
+            extra = extra() if callable(extra) else extra
+            config = make_config(name, method, bits, group_size=128, layers=layers, **extra)
             with Clock(torch, device) as clock:
                 report_ = quantize(adapter, config, batches)[0]
+            qvlm_details = report_.details.get("qvlm", {})
             report(work=name, layers=layers, linears=len(report_.layers), seconds=round(clock.seconds, 1),
-                   peak_gb=round(clock.peak_gb, 1))
+                   peak_gb=round(clock.peak_gb, 1),
+                   **{k: qvlm_details[k] for k in ("encoder_seconds", "search_seconds") if k in qvlm_details})
             with torch.no_grad():   # back to FP for the next job
                 for n, p in model.named_parameters():
                     p.copy_(originals[n])
@@ -171,6 +180,11 @@ def main() -> None:
 
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
+
+
+def _qvlm_activation_settings() -> dict:
+    from quantizers.config import ActivationQuant   # the measured tree's own (Q-VLM trees only)
+    return {"a_bits": 4, "a_quant": ActivationQuant("tensor", "minmax")}
 
 
 def vqav2_prompt(adapter, sample):

@@ -103,8 +103,10 @@ class QVLM(Method):
         search_started = time.perf_counter()
         search = _BlockSearch(config, progress)
         try:
+            # The attention masks travel with the batches: padding never steers a range or an error.
+            masks = [batch["attention_mask"] for batch in batches] if "attention_mask" in batches[0] else None
             results = walk(adapter, targets, batches, search.quantize_window, progress,
-                           partition=search.partition if params.dependency else None)
+                           partition=search.partition if params.dependency else None, token_weights=masks)
         finally:
             search.remove_hooks()
         details["search_seconds"] = round(time.perf_counter() - search_started, 3)
@@ -158,7 +160,9 @@ class _BlockSearch:
                    for p in candidates}
         seen: dict[str, dict[float, list]] = {t.name: {p: [] for p in candidates} for t in window.targets}
 
-        def observe(group, x, _weights):
+        def observe(group, x, token_weights):
+            if token_weights is not None:   # real tokens only
+                x = x.reshape(-1, x.shape[-1])[token_weights.reshape(-1) > 0]
             for p in candidates:
                 value_range = activations.observed_range(x, clip_at[p])
                 for target in group:
@@ -173,7 +177,8 @@ class _BlockSearch:
             try:
                 with torch.no_grad():
                     outputs = feed.run()
-                    errors[p] = sum(torch.mean((o.float() - r.float()) ** 2).item() for o, r in zip(outputs, reference))
+                    errors[p] = sum(_masked_mse(o, r, item.token_weights)
+                                    for o, r, item in zip(outputs, reference, feed.inputs))
             finally:
                 for handle in handles:
                     handle.remove()
@@ -205,6 +210,15 @@ class _BlockSearch:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def _masked_mse(output: torch.Tensor, reference: torch.Tensor, token_weights: torch.Tensor | None) -> float:
+    """Mean squared error over the real tokens (all positions when no mask matches the shape)."""
+    error = (output.float() - reference.float()) ** 2
+    if token_weights is not None and tuple(token_weights.shape) == tuple(error.shape[:-1]):
+        keep = token_weights.reshape(-1) > 0
+        return error.reshape(-1, error.shape[-1])[keep].mean().item()
+    return error.mean().item()
 
 
 # (d) -------------------------------------------------------------------------------------------
