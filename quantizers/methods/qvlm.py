@@ -267,6 +267,7 @@ class _EncoderObjective:
         self.vision = adapter.model.get_submodule(adapter.components["vision"])
         self.blocks = blocks
         self.references: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._sampled: dict[tuple, torch.Tensor] = {}   # element positions per activation size
 
     def _forward(self, batch: dict):
         captured: dict = {"blocks": []}
@@ -299,9 +300,10 @@ class _EncoderObjective:
         return output.loss.float() + params.lambda1 * entropy + params.lambda2 * (vision_error + params.eta * lm_error)
 
     def _positions(self, h: torch.Tensor) -> torch.Tensor:
-        count = min(self.params.entropy_samples, h.numel())
-        generator = torch.Generator().manual_seed(self.params.seed)
-        return torch.randperm(h.numel(), generator=generator)[:count].to(h.device)
+        key = (h.numel(), h.device)
+        if key not in self._sampled:
+            self._sampled[key] = qvlm.sample_positions(h.numel(), self.params.entropy_samples, self.params.seed, h.device)
+        return self._sampled[key]
 
 
 def optimize_encoder(adapter, targets, batches: list[dict], config) -> dict:
