@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from fixtures.adapters.base import ModelMissing  # noqa: E402
 from fixtures.runtime.grid import Grid, GridError, load_grid, schedule_order  # noqa: E402
 from fixtures.runtime.invocation import join_option_values  # noqa: E402
-from fixtures.runtime.session import CaseResult, Session, case_of_test  # noqa: E402
+from fixtures.runtime.session import CaseResult, Session  # noqa: E402
 from fixtures.runtime.shard import Shard, in_shard, parse_shard  # noqa: E402
 from quantizers.config import COMPONENT_NAMES, MAX_BITS, MIN_BITS  # noqa: E402
 from quantizers.methods import all_methods  # noqa: E402
@@ -41,6 +41,7 @@ SHARD = pytest.StashKey[Shard]()
 RESUME_DONE = pytest.StashKey[set]()       # (config_hash, model, task) that passed before --resume
 MERGE_PROBLEMS = pytest.StashKey[list]()
 REPORT_ERROR = pytest.StashKey[str]()
+NOT_RECORDED = pytest.StashKey[bool]()
 ACTIVATION_BITS = (4, 6, 8)
 DEFAULT_REPORT_DIR = ROOT / "reports-out"
 # The suite's options that take a value: handed to xdist workers as --option=value
@@ -243,6 +244,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def outcome(case, request: pytest.FixtureRequest, record_property) -> CaseResult:
     """Evaluate the case (the FP baseline too, once per run) and record it everywhere."""
     session = _session(request.config)
+    if session.crashed_earlier(_test_id(request.node)):
+        request.node.stash[NOT_RECORDED] = True     # its crashed row stands
+        pytest.skip("crashed an xdist worker earlier in this run (status 'crashed'); --resume runs it again")
     try:
         result = session.run(case)
     except (DataMissing, ModelMissing) as err:
@@ -259,7 +263,7 @@ def outcome(case, request: pytest.FixtureRequest, record_property) -> CaseResult
 def pytest_runtest_makereport(item: pytest.Item, call):
     report = (yield).get_result()
     case = _case(item)
-    if not case or not (report.when == "call" or (report.when == "setup" and not report.passed)):
+    if not case or item.stash.get(NOT_RECORDED, False) or not (report.when == "call" or (report.when == "setup" and not report.passed)):
         return
     status = {"passed": "passed", "failed": "failed" if report.when == "call" else "error",
               "skipped": "skipped"}[report.outcome]
@@ -267,16 +271,25 @@ def pytest_runtest_makereport(item: pytest.Item, call):
                                  datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem):
+    """Leave a note of the test in flight: if this worker dies in it, the main process reads the
+    note (pytest_testnodedown) and records the test as crashed."""
+    run_dir, worker = _run_dir(item.config), _worker_id(item.config)
+    if _case(item) and _runs_benchmarks(item.config):
+        run_dir.mark_running(worker, _test_id(item))
+    try:
+        return (yield)
+    finally:
+        run_dir.clear_running(worker)
+
+
 @pytest.hookimpl(optionalhook=True)
-def pytest_handlecrashitem(crashitem: str, report, sched) -> None:
-    """xdist, in the main process: a worker died running crashitem. Record it as crashed, so the
-    CSV says what junit.xml says and --resume runs it again."""
-    config = getattr(sched, "config", None)     # every xdist scheduler keeps it
-    case = config and case_of_test(config.stash[GRID].cases, crashitem)
-    if case:
-        worker = getattr(getattr(report, "node", None), "gateway", None)
-        _session(config).record_crash(case, crashitem.split("@", 1)[0], getattr(worker, "id", "unknown"),
-                                            datetime.now(timezone.utc).isoformat(timespec="seconds"))
+def pytest_testnodedown(node, error) -> None:
+    """xdist, main process: a worker went down; with an error, it died in the test it noted."""
+    if error:
+        _session(node.config).record_crash(node.config.stash[GRID].cases, node.gateway.id,
+                                           datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
 def _test_id(item: pytest.Item) -> str:

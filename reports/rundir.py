@@ -89,10 +89,9 @@ class RunDir:
                 handle.write(b"\0" * 4096)
                 handle.flush()
                 os.fsync(handle.fileno())
+            probe.unlink()
         except OSError as error:
             raise RunDirError(f"report dir {self.root} is not writable: {error.strerror or error}") from None
-        finally:
-            probe.unlink(missing_ok=True)
         free = shutil.disk_usage(self.root).free
         if free < MIN_FREE_BYTES:
             raise RunDirError(f"report dir {self.root}: only {free / 2**20:.1f} MiB free on its disk; a run "
@@ -145,6 +144,28 @@ class RunDir:
 
     def append_rows(self, worker: str, rows: Iterable[Mapping[str, object]]) -> None:
         PartWriter(self.part_path(worker)).write_rows(rows)
+
+    # -- what each worker is running, for the main process when a worker dies -----------------
+    def _running_path(self, worker: str) -> Path:
+        return self.parts / f"running-{worker}.json"
+
+    def mark_running(self, worker: str, test_id: str) -> None:
+        _write_atomic(self._running_path(worker), json.dumps({"test_id": test_id}))
+
+    def clear_running(self, worker: str) -> None:
+        self._running_path(worker).unlink(missing_ok=True)
+
+    def running(self, worker: str) -> str | None:
+        """The test the worker had started and not finished (it died in it), if any."""
+        try:
+            return json.loads(self._running_path(worker).read_text())["test_id"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def crashed_tests(self, run_id: str) -> set[str]:
+        """Tests recorded as crashed by this run (xdist would run a crashed test's group again)."""
+        rows, _problems = read_parts(sorted(self.parts.glob("results-main*.csv")))
+        return {row["test_id"] for row in rows if row["status"] == "crashed" and row["run_id"] == run_id}
 
     def recorded(self) -> MergedResults:
         """What every part holds, each test once (its latest attempt); damaged parts skipped."""
