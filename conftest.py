@@ -143,13 +143,15 @@ def _claim_run_dir(config: pytest.Config, run_id: str) -> None:
     try:
         if resume and not (run_dir.results_csv.exists() or any(run_dir.parts.glob("results-*.csv"))):
             raise RunDirError(f"--resume {run_dir.root}: nothing to resume, no results.csv or parts/results-*.csv")
+        config.stash[RESUME_DONE] = run_dir.passed_keys() if resume else set()
+        if config.getoption("--collect-only"):      # writes nothing: leaves the dir to its owner
+            return
         run_dir.check_writable()
         run_dir.claim(run_id)
     except RunDirError as err:
         raise pytest.UsageError(str(err)) from None
-    config.stash[RESUME_DONE] = run_dir.passed_keys() if resume else set()
     run_dir.start(run_id if resume else None)
-    if not config.option.xmlpath and config.getoption("--collect-only") is False:
+    if not config.option.xmlpath:
         config.option.xmlpath = str(run_dir.junit_xml)
 
 
@@ -275,9 +277,10 @@ def pytest_runtest_makereport(item: pytest.Item, call):
 def pytest_runtest_protocol(item: pytest.Item, nextitem):
     """Leave a note of the test in flight: if this worker dies in it, the main process reads the
     note (pytest_testnodedown) and records the test as crashed."""
+    if not (_case(item) and _runs_benchmarks(item.config)):
+        return (yield)
     run_dir, worker = _run_dir(item.config), _worker_id(item.config)
-    if _case(item) and _runs_benchmarks(item.config):
-        run_dir.mark_running(worker, _test_id(item))
+    run_dir.mark_running(worker, _test_id(item))
     try:
         return (yield)
     finally:
@@ -287,7 +290,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem):
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error) -> None:
     """xdist, main process: a worker went down; with an error, it died in the test it noted."""
-    if error:
+    if error and _runs_benchmarks(node.config):
         _session(node.config).record_crash(node.config.stash[GRID].cases, node.gateway.id,
                                            datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
@@ -303,7 +306,7 @@ def _test_id(item: pytest.Item) -> str:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     config = session.config
-    if _is_worker(config) or not _runs_benchmarks(config):
+    if _is_worker(config) or not _runs_benchmarks(config) or config.getoption("--collect-only"):
         return
     run_dir = _run_dir(config)
     merged = run_dir.merge()
