@@ -18,10 +18,12 @@ import torch  # noqa: E402
 
 from fixtures.adapters.base import ModelMissing  # noqa: E402
 from fixtures.runtime.grid import Grid, GridError, load_grid, schedule_order  # noqa: E402
+from fixtures.runtime.invocation import join_option_values  # noqa: E402
 from fixtures.runtime.session import CaseResult, Session  # noqa: E402
+from fixtures.runtime.shard import Shard, in_shard, parse_shard  # noqa: E402
 from quantizers.config import ACTIVATION_BITS, COMPONENT_NAMES, MAX_BITS, MIN_BITS  # noqa: E402
 from quantizers.methods import all_methods  # noqa: E402
-from reports.rundir import RunDir  # noqa: E402
+from reports.rundir import RunDir, RunDirError  # noqa: E402
 from reports.summary import format_summary  # noqa: E402
 from tasks.base import DataError, DataMissing  # noqa: E402
 from tasks.registry import all_tasks  # noqa: E402
@@ -34,6 +36,17 @@ RUN_ID = pytest.StashKey[str]()
 FINAL_ROWS = pytest.StashKey[list]()
 PLOT_ERROR = pytest.StashKey[str]()
 OUTCOME = pytest.StashKey[CaseResult]()
+RUN_DIR = pytest.StashKey[RunDir]()
+SHARD = pytest.StashKey[Shard]()
+RESUME_DONE = pytest.StashKey[set]()       # (config_hash, model, task) that passed before --resume
+MERGE_PROBLEMS = pytest.StashKey[list]()
+REPORT_ERROR = pytest.StashKey[str]()
+NOT_RECORDED = pytest.StashKey[bool]()
+DEFAULT_REPORT_DIR = ROOT / "reports-out"
+# The suite's options that take a value: handed to xdist workers as --option=value
+# (fixtures/runtime/invocation.py says why).
+VALUE_OPTIONS = ("--grid", "--data-root", "--cache-dir", "--report-dir", "--limit", "--device", "--shard",
+                 "--resume")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -43,10 +56,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="root of real datasets (a task's `data: DIR` is relative to it)")
     group.addoption("--cache-dir", default=os.environ.get("VQB_CACHE_DIR", str(ROOT / ".cache")),
                     help="generated embedded world and other caches")
-    group.addoption("--report-dir", default=str(ROOT / "reports-out"),
-                    help="where results.csv, junit.xml, samples/ and plots/ go")
+    group.addoption("--report-dir", default=None,
+                    help=f"where results.csv, junit.xml, samples/ and plots/ go (default: {DEFAULT_REPORT_DIR})")
     group.addoption("--limit", type=int, default=None, help="samples per task (overrides the grid)")
     group.addoption("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    group.addoption("--shard", default=None, metavar="I/N",
+                    help="run shard I of N: whole (model, config) groups, balanced by estimated cost")
+    group.addoption("--resume", default=None, metavar="RUN_DIR",
+                    help="run only the tests without a passed row in RUN_DIR and add to it")
 
 
 def _is_worker(config: pytest.Config) -> bool:
@@ -57,8 +74,19 @@ def _worker_id(config: pytest.Config) -> str:
     return config.workerinput["workerid"] if _is_worker(config) else "main"
 
 
+def _report_root(config: pytest.Config) -> Path:
+    """--resume's run dir, else --report-dir, else the default; both given must agree."""
+    resume, report = config.getoption("--resume"), config.getoption("--report-dir")
+    if resume and report and Path(resume).resolve() != Path(report).resolve():
+        raise pytest.UsageError(f"--resume {resume} writes to that run dir; drop --report-dir {report}")
+    return Path(resume or report or DEFAULT_REPORT_DIR).resolve()
+
+
 def _run_dir(config: pytest.Config) -> RunDir:
-    return RunDir(Path(config.getoption("--report-dir")).resolve())
+    if RUN_DIR not in config.stash:
+        tag = config.workerinput.get("vqb_part_tag", "") if _is_worker(config) else ""
+        config.stash[RUN_DIR] = RunDir(_report_root(config), tag)
+    return config.stash[RUN_DIR]
 
 
 def _runs_benchmarks(config: pytest.Config) -> bool:
@@ -87,18 +115,56 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(err)) from None
     config.stash[GRID] = grid
     _register_marks(config, grid)
+    if config.getoption("--shard"):
+        try:
+            config.stash[SHARD] = parse_shard(config.getoption("--shard"))
+        except ValueError as err:
+            raise pytest.UsageError(str(err)) from None
     if _is_worker(config):
         config.stash[RUN_ID] = config.workerinput["vqb_run_id"]
+        config.stash[RESUME_DONE] = {tuple(key) for key in config.workerinput["vqb_resume_done"]}
     elif _runs_benchmarks(config):
-        config.stash[RUN_ID] = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-        run_dir = _run_dir(config)
-        run_dir.start()
-        if not config.option.xmlpath and config.getoption("--collect-only") is False:
-            config.option.xmlpath = str(run_dir.junit_xml)
+        config.stash[RUN_ID] = run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+        _claim_run_dir(config, run_id)
+        # xdist starts (and restarts) workers with this command line: spell it so that their
+        # pre-parse cannot take an option's value for a test path (fixtures/runtime/invocation.py).
+        params = config.invocation_params
+        config.invocation_params = pytest.Config.InvocationParams(
+            args=join_option_values(params.args, VALUE_OPTIONS), plugins=params.plugins, dir=params.dir)
 
 
-def pytest_configure_node(node) -> None:  # xdist: hand the run id to each worker
-    node.workerinput["vqb_run_id"] = node.config.stash.get(RUN_ID, "")
+def _claim_run_dir(config: pytest.Config, run_id: str) -> None:
+    """Check, lock and prepare the run dir before any test, so that an unusable one is one usage
+    error now and a second run writing to it is refused."""
+    resume = bool(config.getoption("--resume"))
+    run_dir = RunDir(_report_root(config), run_id if resume else "")
+    config.stash[RUN_DIR] = run_dir
+    try:
+        if resume and not (run_dir.results_csv.exists() or any(run_dir.parts.glob("results-*.csv"))):
+            raise RunDirError(f"--resume {run_dir.root}: nothing to resume, no results.csv or parts/results-*.csv")
+        config.stash[RESUME_DONE] = run_dir.passed_keys() if resume else set()
+        if config.getoption("--collect-only"):      # writes nothing: leaves the dir to its owner
+            return
+        run_dir.check_writable()
+        run_dir.claim(run_id)
+    except RunDirError as err:
+        raise pytest.UsageError(str(err)) from None
+    run_dir.start(run_id if resume else None)
+    if not config.option.xmlpath:
+        config.option.xmlpath = str(run_dir.junit_xml)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if RUN_DIR in config.stash:
+        config.stash[RUN_DIR].release()
+
+
+def pytest_configure_node(node) -> None:  # xdist: what every worker (and its replacement) shares
+    config = node.config
+    node.workerinput["vqb_run_id"] = config.stash.get(RUN_ID, "")
+    node.workerinput["vqb_part_tag"] = _run_dir(config).part_tag
+    # Fixed at the start: a worker restarted mid-run must collect exactly what the others did.
+    node.workerinput["vqb_resume_done"] = sorted(config.stash.get(RESUME_DONE, set()))
 
 
 def _pick_device(config: pytest.Config) -> torch.device:
@@ -122,7 +188,7 @@ def _session(config: pytest.Config) -> Session:
             data_root=Path(config.getoption("--data-root")), cache_dir=Path(config.getoption("--cache-dir")).resolve(),
             run_dir=_run_dir(config).root, device=_pick_device(config), limit=config.getoption("--limit"),
             run_id=config.stash.get(RUN_ID, ""), worker=_worker_id(config),
-            progress=config.getoption("capture") == "no")
+            progress=config.getoption("capture") == "no", part_tag=_run_dir(config).part_tag)
     return config.stash[SESSION]
 
 
@@ -144,10 +210,27 @@ def _case(item: pytest.Item):
     return getattr(item, "callspec", None) and item.callspec.params.get("case")
 
 
-@pytest.hookimpl(trylast=True)   # after -m/-k have deselected: balance what will run
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run all tasks of one (model, config) back to back, so each config is quantized once, in the
-    order that balances xdist workers (grid.schedule_order)."""
+def _deselect(config: pytest.Config, items: list[pytest.Item], keep) -> None:
+    dropped = [item for item in items if not keep(item)]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if keep(item)]
+
+
+@pytest.hookimpl(trylast=True)   # after -m/-k have deselected: shard and balance what will run
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep this shard's groups and what --resume has not seen pass; then run all tasks of one
+    (model, config) back to back, so each config is quantized once, in the order that balances
+    xdist workers (grid.schedule_order)."""
+    if SHARD in config.stash:
+        shard = config.stash[SHARD]
+        groups = in_shard([case for case in map(_case, items) if case], shard)
+        # "no case" skips are no work: the first shard reports them.
+        _deselect(config, items, lambda item: _case(item).group in groups if _case(item) else shard.index == 1)
+    done = config.stash.get(RESUME_DONE, set())
+    if done:
+        _deselect(config, items, lambda item: not _case(item) or
+                  (_case(item).config_hash, _case(item).model.name, _case(item).task.name) not in done)
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     cases = [case for case in map(_case, items) if case]
     rank = {group: position for position, group in enumerate(schedule_order(cases, workers))}
@@ -162,6 +245,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def outcome(case, request: pytest.FixtureRequest, record_property) -> CaseResult:
     """Evaluate the case (the FP baseline too, once per run) and record it everywhere."""
     session = _session(request.config)
+    if session.crashed_earlier(_test_id(request.node)):
+        request.node.stash[NOT_RECORDED] = True     # its crashed row stands
+        pytest.skip("crashed an xdist worker earlier in this run (status 'crashed'); --resume runs it again")
     try:
         result = session.run(case)
     except (DataMissing, ModelMissing) as err:
@@ -178,12 +264,34 @@ def outcome(case, request: pytest.FixtureRequest, record_property) -> CaseResult
 def pytest_runtest_makereport(item: pytest.Item, call):
     report = (yield).get_result()
     case = _case(item)
-    if not case or not (report.when == "call" or (report.when == "setup" and not report.passed)):
+    if not case or item.stash.get(NOT_RECORDED, False) or not (report.when == "call" or (report.when == "setup" and not report.passed)):
         return
     status = {"passed": "passed", "failed": "failed" if report.when == "call" else "error",
               "skipped": "skipped"}[report.outcome]
     _session(item.config).record(case, item.stash.get(OUTCOME, None), status, _test_id(item),
                                  datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem):
+    """Leave a note of the test in flight: if this worker dies in it, the main process reads the
+    note (pytest_testnodedown) and records the test as crashed."""
+    if not (_case(item) and _runs_benchmarks(item.config)):
+        return (yield)
+    run_dir, worker = _run_dir(item.config), _worker_id(item.config)
+    run_dir.mark_running(worker, _test_id(item))
+    try:
+        return (yield)
+    finally:
+        run_dir.clear_running(worker)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """xdist, main process: a worker went down; with an error, it died in the test it noted."""
+    if error and _runs_benchmarks(node.config):
+        _session(node.config).record_crash(node.config.stash[GRID].cases, node.gateway.id,
+                                           datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
 def _test_id(item: pytest.Item) -> str:
@@ -197,18 +305,24 @@ def _test_id(item: pytest.Item) -> str:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     config = session.config
-    if _is_worker(config) or not _runs_benchmarks(config):
+    if _is_worker(config) or not _runs_benchmarks(config) or config.getoption("--collect-only"):
         return
     run_dir = _run_dir(config)
-    rows = run_dir.merge()
-    if rows is None:
+    merged = run_dir.merge()
+    if merged is None:
         return
-    config.stash[FINAL_ROWS] = rows
+    config.stash[FINAL_ROWS] = merged.rows
+    config.stash[MERGE_PROBLEMS] = merged.problems
     try:
         from reports.plots import plot_results
-        plot_results(rows, run_dir.plots)
+        plot_results(merged.rows, run_dir.plots)
     except Exception as err:  # plots are a convenience: never lose the CSV over one
         config.stash[PLOT_ERROR] = str(err)
+    try:
+        from reports.html import write_report
+        write_report(run_dir.root)
+    except Exception as err:  # so is the page
+        config.stash[REPORT_ERROR] = str(err)
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
@@ -218,5 +332,9 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     terminalreporter.section("vlm-quant-bench")
     terminalreporter.write_line(format_summary(rows))
     terminalreporter.write_line(f"results: {_run_dir(config).results_csv}")
+    for problem in config.stash.get(MERGE_PROBLEMS, []):
+        terminalreporter.write_line(f"merge: {problem}")
     if PLOT_ERROR in config.stash:
         terminalreporter.write_line(f"plots skipped: {config.stash[PLOT_ERROR]}")
+    if REPORT_ERROR in config.stash:
+        terminalreporter.write_line(f"report.html skipped: {config.stash[REPORT_ERROR]}")

@@ -129,6 +129,53 @@ def _warn_dropped(path: Path, line: int, reason: str) -> None:
     warnings.warn(f"{path}: line {line}: dropping record, probably truncated: {reason}", stacklevel=3)
 
 
+def read_parts(part_paths: Sequence[str | os.PathLike[str]]) -> tuple[list[dict[str, str]], list[str]]:
+    """The rows of every readable part, in the given order, and one problem line for each part
+    or record skipped. A part that is empty (a worker killed right after creating it), not ours
+    or not CSV at all loses only itself: the other workers' rows still make the results."""
+    rows: list[dict[str, str]] = []
+    problems: list[str] = []
+    for part in part_paths:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                if os.path.getsize(part) == 0:
+                    problems.append(f"{part}: empty part file skipped")
+                    continue
+                rows.extend(read_rows(part))
+            except (OSError, ValueError) as error:
+                problems.append(f"{part}: part skipped: {error}")
+        problems.extend(str(warning.message) for warning in caught)
+    return rows, problems
+
+
+def latest_attempts(rows: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
+    """Each test once: the rows of its latest recorded attempt, in reading order.
+
+    A test is recorded more than once in one run directory when a resumed run re-runs what
+    failed or crashed before, or when its worker died after writing the rows and the main
+    process then recorded the crash. The latest attempt (by timestamp, then by reading order)
+    is the one the run stands by."""
+    def test_key(row: Mapping[str, str]) -> tuple[str, str]:
+        return row["test_id"], row["config_hash"]
+
+    def attempt(row: Mapping[str, str]) -> tuple[str, ...]:
+        return row["run_id"], row["worker"], row["timestamp"], row["status"]
+
+    latest: dict[tuple[str, str], tuple[tuple[str, int], tuple[str, ...]]] = {}
+    for position, row in enumerate(rows):
+        rank = (row["timestamp"], position)
+        if test_key(row) not in latest or rank >= latest[test_key(row)][0]:
+            latest[test_key(row)] = (rank, attempt(row))
+    kept, seen = [], set()
+    for row in rows:
+        metric_key = (*test_key(row), row["metric"])
+        if attempt(row) == latest[test_key(row)][1] and metric_key not in seen:
+            seen.add(metric_key)
+            kept.append(dict(row))
+    return kept
+
+
 def merge_parts(part_paths: Sequence[str | os.PathLike[str]], out_path: str | os.PathLike[str]) -> int:
     """Concatenate part files (in the given order) into out_path, atomically.
 
@@ -136,7 +183,6 @@ def merge_parts(part_paths: Sequence[str | os.PathLike[str]], out_path: str | os
     reader sees either the old file or the complete new one, never a mix.
     Returns the number of rows written.
     """
-    out_path = Path(out_path)
     rows = []
     for part in part_paths:
         # A worker killed right after creating its part leaves it empty;
@@ -145,6 +191,12 @@ def merge_parts(part_paths: Sequence[str | os.PathLike[str]], out_path: str | os
             warnings.warn(f"{part}: empty part file skipped", stacklevel=2)
             continue
         rows.extend(read_rows(part))
+    return write_results(rows, out_path)
+
+
+def write_results(rows: Sequence[Mapping[str, object]], out_path: str | os.PathLike[str]) -> int:
+    """Write a whole results file atomically (temp file beside it, then rename); the row count."""
+    out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     # Same directory: os.replace is only atomic within one filesystem.
     handle = tempfile.NamedTemporaryFile(

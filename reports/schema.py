@@ -41,13 +41,19 @@ CSV_COLUMNS: tuple[str, ...] = (
     "status",
     "weights",  # "trained", or "random-init": a performance row, never an accuracy figure
     "a_quant",  # how activations are quantized, e.g. a4-tensor-minmax-asym; "" at 16 bits
+    # What was evaluated, so compare can tell rows measured on different data apart:
+    "split",  # the task's evaluated split
+    "data_source",  # the grid's `data:` of the task (embedded | DIR | hf:ID@REVISION)
+    "sample_seed",  # the seed of the evaluated subset under a limit; "" for the whole split
 )
 
 # Columns added after the first release, with the value a file written before them means.
-OPTIONAL_COLUMNS: dict[str, str] = {"weights": "trained", "a_quant": ""}
+OPTIONAL_COLUMNS: dict[str, str] = {"weights": "trained", "a_quant": "", "split": "", "data_source": "",
+                                    "sample_seed": ""}
 RANDOM_INIT = "random-init"
 
-STATUSES: tuple[str, ...] = ("passed", "failed", "error", "skipped")
+# "crashed": the xdist worker running the test died (the main process records it).
+STATUSES: tuple[str, ...] = ("passed", "failed", "error", "skipped", "crashed")
 
 
 def metric_rows(common: dict[str, object], metrics: dict[str, float], fp_metrics: dict[str, float],
