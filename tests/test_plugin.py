@@ -34,12 +34,15 @@ def every_task(config):
 def test_w4_selects_exactly_the_four_bit_parameters():
     vqa_only = [f"test_vqav2[llava-tiny-{c}]" for c in ("gptq-w4-all", "rtn-w4-language",
                                                         "rtn-w4-vision", "rtn-w4g32-all")]
-    assert collected("-m", "w4") == sorted(every_task("rtn-w4-all") + every_task("awq-w4-all") + vqa_only)
+    weights_and_activations = [f"test_scienceqa[llava-tiny-{c}]" for c in ("awq-w4a4-all", "qvlm-w4a4-all")]
+    assert collected("-m", "w4") == sorted(every_task("rtn-w4-all") + every_task("awq-w4-all") + vqa_only
+                                           + weights_and_activations)
 
 
 def test_issue_selections_run_every_task_of_every_model():
     assert collected("-m", "w3 and gptq") == sorted(every_task("gptq-w3-all"))
-    assert collected("-m", "w4 and awq") == sorted(every_task("awq-w4-all"))
+    assert collected("-m", "w4 and awq and not a4") == sorted(every_task("awq-w4-all"))
+    assert collected("-m", "a4 and qvlm") == ["test_scienceqa[llava-tiny-qvlm-w4a4-all]"]
 
 
 @pytest.mark.parametrize("expr, expected", [
