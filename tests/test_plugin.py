@@ -77,7 +77,7 @@ def test_xdist_gives_the_metrics_and_test_ids_of_a_serial_run(tmp_path):
 def test_sensitivity_grid_covers_every_scope_and_bit_width():
     ids = [i.split("[")[1].rstrip("]") for i in collected("--grid", "benchmarks/grids/sensitivity.yaml")
            if "llava-tiny" in i]
-    assert len(ids) == 13 * 4   # every config on each of the four tasks the tiny LLaVA serves
+    assert len(ids) == 16 * 4   # every config on each of the four tasks the tiny LLaVA serves
     retrieval = [i for i in collected("--grid", "benchmarks/grids/sensitivity.yaml") if "retrieval-" in i]
     assert all(i.startswith("test_flickr_retrieval[") for i in retrieval)
     assert not any("language" in i for i in retrieval) and any("qformer" in i for i in retrieval)

@@ -37,7 +37,7 @@ def test_resume_runs_only_what_did_not_pass_and_keeps_the_rest(tmp_path):
     assert list(report.glob("junit-before.*.xml")) and (report / "junit.xml").is_file()
 
     nothing = run_bench(*SMALL_GRID, f"--resume={report}")
-    assert nothing.returncode == 5 and "38 deselected / 0 selected" in nothing.stdout, output(nothing)
+    assert nothing.returncode == 5 and re.search(r"\d+ deselected / 0 selected", nothing.stdout), output(nothing)
     assert Counter(row["test_id"] for row in primary_rows(report / "results.csv")) == Counter(set(before))
 
 

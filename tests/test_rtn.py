@@ -91,7 +91,7 @@ def test_a_layer_silently_skipped_is_caught(tiny, monkeypatch):
 def test_unknown_component_and_unknown_method(tiny):
     with pytest.raises(ConfigError, match="no component 'qformer'"):
         api.quantize(copy.deepcopy(tiny), make_config("q", "rtn", {"qformer": 4}))
-    with pytest.raises(ConfigError, match="unknown method 'qvlm'; known: "):
-        make_config("q", "qvlm", {"language": 4})
+    with pytest.raises(ConfigError, match="unknown method 'qig'; known: "):
+        make_config("q", "qig", {"language": 4})
     with pytest.raises(ConfigError, match="needs calibration data"):
         api.quantize(copy.deepcopy(tiny), make_config("q", "gptq", {"language": 4}))
