@@ -43,6 +43,7 @@ from quantizers import activations, qvlm
 from quantizers.config import ConfigError, MethodParams
 from quantizers.methods import Method, QuantOutput, register_method
 from quantizers.methods.gptq import GPTQ, GPTQParams
+from quantizers.methods.rtn import RTN
 from quantizers.primitives import fake_quantize
 from quantizers.walker import Block, BlockInput, Feed, Window, blocks_of, run_window, walk
 
@@ -101,7 +102,7 @@ class QVLM(Method):
             details["encoder"] = optimize_encoder(adapter, vision, batches, config)
         details["encoder_seconds"] = round(time.perf_counter() - started, 3)
         search_started = time.perf_counter()
-        search = _BlockSearch(config, progress)
+        search = _BlockSearch(config)
         try:
             # The attention masks travel with the batches: padding never steers a range or an error.
             masks = [batch["attention_mask"] for batch in batches] if "attention_mask" in batches[0] else None
@@ -120,7 +121,7 @@ class QVLM(Method):
 class _BlockSearch:
     """(a)-(c) over the walker: the partition callback and the per-window search."""
 
-    def __init__(self, config, progress: bool):
+    def __init__(self, config):
         self.config = config
         self.params: QVLMParams = config.params
         self.blocks: dict[str, dict] = {}
@@ -198,13 +199,7 @@ class _BlockSearch:
         if self.params.weights == "gptq":
             as_gptq = dataclasses.replace(config, method="gptq", params=GPTQParams())
             return GPTQ().quantize_window(window, feed, as_gptq)
-        out = QuantOutput()
-        with torch.no_grad():
-            for target in window.targets:
-                result = fake_quantize(target.module.weight, target.bits, config.group_size, config.sym)
-                target.module.weight.copy_(result.dequantized)
-                out.add(target.name, target.component, target.bits, result, config.sym)
-        return out
+        return RTN().quantize(None, window.targets, config)
 
     def remove_hooks(self) -> None:
         for handle in self._handles:
