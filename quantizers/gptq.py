@@ -12,6 +12,7 @@ whenever a group starts at a block start (e.g. group_size a multiple of block_si
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -135,60 +136,140 @@ def _group_grid(w, w_block, err_block, hinv, start, i, hi, segments, bits, sym):
     return grid_params_from_range(wmin, wmax, bits, sym)
 
 
+def _sweep_block(w_block, hinv_block, column_scales, column_zeros, err_block, q_block, dq_block,
+                 product, maxq, boundary=None):
+    """The GPTQ sweep over the columns of one block, in place: w_block (rows, width) receives each
+    column's error compensation, q/dq/err_block the codes, dequantized values and scaled errors.
+    column_scales/zeros are (rows, 1) tensors, one per column. `boundary(i)` runs before column
+    i (dynamic group grids, which read the block as it stands); when it is None, as on the CUDA
+    graph path, the grids are all known before the block starts.
+
+    Per column this issues ten in-place kernels on preallocated buffers, each the same IEEE
+    operation, in the same order, as the plain formulation q = clamp(round(w / s) + z),
+    dq = s (q - z), err = (w - dq) / d, W1 -= err h^T; so the result is bit for bit that of the
+    earlier column-at-a-time code (frozen in benchmarks/perf/_reference_quant.py). No fused
+    multiply-add (addr_, addcmul_) is used: fusing would round once where the plain form rounds
+    twice."""
+    width = w_block.shape[1]
+    w_col, err_col = w_block.split(1, dim=1), err_block.split(1, dim=1)
+    q_col, dq_col = q_block.split(1, dim=1), dq_block.split(1, dim=1)
+    # 0-d views: dividing by a device tensor, never by a host scalar (CUDA would multiply by its
+    # reciprocal instead, which rounds differently).
+    hinv_diag = torch.diagonal(hinv_block).unbind()
+    for i in range(width):
+        if boundary is not None:
+            boundary(i)
+        s, z = column_scales[i], column_zeros[i]
+        q, dq, err = q_col[i], dq_col[i], err_col[i]
+        torch.div(w_col[i], s, out=q).round_().add_(z).clamp_(0, maxq)
+        torch.sub(q, z, out=dq).mul_(s)
+        torch.sub(w_col[i], dq, out=err).div_(hinv_diag[i])
+        if i + 1 < width:
+            # Optimal compensation of this column's error by the block's remaining columns.
+            update = torch.mul(err, hinv_block[i:i + 1, i + 1:], out=product[:, :width - i - 1])
+            w_block[:, i + 1:].sub_(update)
+
+
+class _BlockGraph:
+    """_sweep_block captured once as a CUDA graph on static buffers, replayed for every full
+    block of a sweep. The sweep is ~1,300 tiny kernels per 128-column block, so eager PyTorch is
+    bound by launching them (0.37 s per 4096-column weight on an H200); a replay launches them
+    all at once. The kernels are the very ones the eager path runs, on buffers of the same
+    shapes and strides, so the results are bit for bit the same (benchmarks/perf/quant_cores.py
+    checks it on a GPU)."""
+
+    def __init__(self, rows: int, width: int, maxq: int, device: torch.device):
+        def buffer(n_cols):
+            return torch.zeros(rows, n_cols, dtype=torch.float32, device=device)
+        self.w_block, self.scales, self.zeros = buffer(width), buffer(width), buffer(width)
+        self.err_block, self.q_block, self.dq_block = buffer(width), buffer(width), buffer(width)
+        self.product = buffer(width)
+        self.hinv_block = torch.eye(width, dtype=torch.float32, device=device)
+        self.args = (self.w_block, self.hinv_block, self.scales.split(1, dim=1), self.zeros.split(1, dim=1),
+                     self.err_block, self.q_block, self.dq_block, self.product, maxq)
+        # Off CUDA the same buffers are swept eagerly: the CPU tests check this path's
+        # bookkeeping (copies in, grids gathered per column) against the plain sweep.
+        self.graph = None
+        if torch.device(device).type == "cuda":
+            # Nothing to warm up: every kernel here is elementwise (no cuBLAS handle, no lazy
+            # initialization); torch.cuda.graph provides the side stream capture needs.
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                _sweep_block(*self.args)
+
+    def run(self, w_block, hinv_block, scale, zero, group_index):
+        """One block: inputs copied in (exact copies), the graph replayed."""
+        self.w_block.copy_(w_block)
+        self.hinv_block.copy_(hinv_block)
+        torch.index_select(scale, 1, group_index, out=self.scales)
+        torch.index_select(zero, 1, group_index, out=self.zeros)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            _sweep_block(*self.args)
+        return self.err_block, self.q_block, self.dq_block
+
+
+def use_block_graphs(device: torch.device, dynamic: bool, group: int, block_size: int) -> bool:
+    """Whether a sweep can replay one graph per block: on CUDA, when every group's grid is known
+    at the start of a block (dynamic groups that begin mid-block read the block mid-sweep).
+    VQB_GPTQ_GRAPHS=0 turns it off (the eager path, for comparison)."""
+    if device.type != "cuda" or os.environ.get("VQB_GPTQ_GRAPHS", "1") == "0":
+        return False
+    return not dynamic or group % block_size == 0
+
+
 def _quantize_columns(w, hinv, scale, zero, group_of_position, segments, *, bits, sym, group,
                       dynamic, block_size):
     """The GPTQ sweep over w (rows, cols, float32, processing order), which it overwrites.
     Returns (codes, dequantized) in processing order; fills scale/zero for dynamic groups.
     `segments` are the row slices of the weights stacked in w (one slice for a single weight).
 
-    Per column this issues ten in-place kernels on preallocated buffers and views made once per
-    block, each the same IEEE operation, in the same order, as the plain formulation
-    q = clamp(round(w / s) + z), dq = s (q - z), err = (w - dq) / d, W1 -= err h^T; so the
-    result is bit for bit that of the earlier column-at-a-time code (frozen in
-    benchmarks/perf/_reference_quant.py). No fused multiply-add (addr_, addcmul_) is used:
-    fusing would round once where the plain form rounds twice.
-
-    The elementwise work runs over all stacked rows at once; each matmul runs per segment, so
-    every weight's matmuls have the shapes, strides and (segments start on 64-byte boundaries)
-    alignment they would have alone. BLAS libraries choose kernels by all three, and a row's
-    result can change in the last bit with them (seen with MKL on small matrices)."""
+    The elementwise work (_sweep_block) runs over all stacked rows at once; each matmul runs per
+    segment, so every weight's matmuls have the shapes, strides and (segments start on 64-byte
+    boundaries) alignment they would have alone. BLAS libraries choose kernels by all three, and
+    a row's result can change in the last bit with them (seen with MKL on small matrices)."""
     rows, cols = w.shape
     maxq = 2 ** bits - 1
     codes = torch.empty_like(w)
     deq = torch.empty_like(w)
     scale_of, zero_of = scale.split(1, dim=1), zero.split(1, dim=1)   # (rows, 1) view per group
     product = torch.empty(rows, block_size, dtype=w.dtype, device=w.device)   # err h^T scratch
+    graph = None
+    if use_block_graphs(w.device, dynamic, group, block_size) and cols >= block_size:
+        graph = _BlockGraph(rows, block_size, maxq, w.device)
+        group_of_column = torch.tensor(group_of_position, dtype=torch.long, device=w.device)
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
         width = end - start
         w_block = w[:, start:end].clone()
-        err_block = torch.empty(rows, width, dtype=w.dtype, device=w.device)
-        q_block = torch.empty_like(err_block)
-        dq_block = torch.empty_like(err_block)
         # Row-major copy: torch.linalg.cholesky(upper=True) returns a column-major factor, whose
-        # rows (read once per column below) would be strided. The matmuls keep reading hinv.
+        # rows (read once per column) would be strided. The matmuls keep reading hinv.
         hinv_block = hinv[start:end, start:end].contiguous()
-        w_col, err_col = w_block.split(1, dim=1), err_block.split(1, dim=1)
-        q_col, dq_col = q_block.split(1, dim=1), dq_block.split(1, dim=1)
-        # 0-d views: dividing by a device tensor, never by a host scalar (CUDA would multiply
-        # by its reciprocal instead, which rounds differently).
-        hinv_diag = torch.diagonal(hinv_block).unbind()
-        for i in range(width):
-            col = start + i
-            if dynamic and col % group == 0:
-                g = col // group
+
+        if graph is not None and width == block_size:
+            if dynamic and start % group == 0:   # the only boundaries a graph sweep allows
+                g = start // group
                 scale[:, g:g + 1], zero[:, g:g + 1] = _group_grid(
-                    w, w_block, err_block, hinv, start, i, min(col + group, cols), segments, bits,
-                    sym)
-            s, z = scale_of[group_of_position[col]], zero_of[group_of_position[col]]
-            q, dq, err = q_col[i], dq_col[i], err_col[i]
-            torch.div(w_col[i], s, out=q).round_().add_(z).clamp_(0, maxq)
-            torch.sub(q, z, out=dq).mul_(s)
-            torch.sub(w_col[i], dq, out=err).div_(hinv_diag[i])
-            if i + 1 < width:
-                # Optimal compensation of this column's error by the block's remaining columns.
-                update = torch.mul(err, hinv_block[i:i + 1, i + 1:], out=product[:, :width - i - 1])
-                w_block[:, i + 1:].sub_(update)
+                    w, w_block, None, hinv, start, 0, min(start + group, cols), segments, bits, sym)
+            err_block, q_block, dq_block = graph.run(w_block, hinv_block, scale, zero,
+                                                     group_of_column[start:end])
+        else:
+            err_block = torch.empty(rows, width, dtype=w.dtype, device=w.device)
+            q_block = torch.empty_like(err_block)
+            dq_block = torch.empty_like(err_block)
+
+            def boundary(i, start=start, w_block=w_block, err_block=err_block):
+                col = start + i
+                if dynamic and col % group == 0:
+                    g = col // group
+                    scale[:, g:g + 1], zero[:, g:g + 1] = _group_grid(
+                        w, w_block, err_block, hinv, start, i, min(col + group, cols), segments, bits,
+                        sym)
+
+            columns = group_of_position[start:end]
+            _sweep_block(w_block, hinv_block, [scale_of[g] for g in columns], [zero_of[g] for g in columns],
+                         err_block, q_block, dq_block, product, maxq, boundary)
         codes[:, start:end] = q_block
         deq[:, start:end] = dq_block
         # Lazy batch update: the columns after the block receive all its errors in one matmul

@@ -237,3 +237,51 @@ def test_stacked_rejects_a_weight_of_another_width(layer):
     assert gptq_quantize_stacked([], h, bits=4) == []
     with pytest.raises(ValueError, match="hessian"):
         gptq_quantize_stacked([w, w[:, :10]], h, bits=4)
+
+
+# Block-graph path: every group grid known at a block start (per channel, static groups, dynamic
+# groups of one or more whole blocks, with and without act_order), and a last partial block.
+GRAPH_PATHS = [dict(block_size=16), dict(group_size=16, block_size=16), dict(group_size=32, block_size=16),
+               dict(group_size=16, static_groups=True, block_size=32),
+               dict(group_size=16, act_order=True, block_size=16), dict(group_size=-1, act_order=True, block_size=24)]
+
+
+@pytest.mark.parametrize("options", GRAPH_PATHS)
+def test_block_graph_path_gives_the_eager_bits(monkeypatch, options):
+    # On CUDA each full block is one graph replay over static buffers; on CPU _BlockGraph sweeps
+    # the same buffers eagerly, so this checks everything but the capture: inputs copied in,
+    # per-column grids gathered, dynamic grids set at block starts, the partial block eager.
+    import quantizers.gptq as gptq
+
+    cols = 100   # not a multiple of 16 or 24: the last block is partial
+    g = generator(13)
+    x = torch.randn(512, cols, generator=g) @ torch.randn(cols, cols, generator=g) / cols ** 0.5
+    x[:, 7] *= 10
+    h = hessian_of(x)
+    weights = [torch.randn(rows, cols, generator=g) for rows in (32, 48)]
+    eager = gptq_quantize_stacked(weights, h, bits=3, **options)
+    used = []
+    real_graph = gptq._BlockGraph
+
+    def graph(*args):
+        used.append(args)
+        return real_graph(*args)
+
+    monkeypatch.setattr(gptq, "_BlockGraph", graph)
+    monkeypatch.setattr(gptq, "use_block_graphs", lambda device, dynamic, group, block_size:
+                        not dynamic or group % block_size == 0)
+    with_graph = gptq_quantize_stacked(weights, h, bits=3, **options)
+    assert used, "the block-graph path did not run"
+    for a, b in zip(with_graph, eager):
+        assert_same_result(a, b)
+
+
+def test_block_graphs_only_where_grids_are_known_at_block_starts(monkeypatch):
+    from quantizers.gptq import use_block_graphs
+
+    cuda = torch.device("cuda")
+    assert not use_block_graphs(torch.device("cpu"), False, 64, 64)
+    assert use_block_graphs(cuda, False, 32, 128)          # static groups, per channel
+    assert use_block_graphs(cuda, True, 256, 128) and not use_block_graphs(cuda, True, 32, 128)
+    monkeypatch.setenv("VQB_GPTQ_GRAPHS", "0")
+    assert not use_block_graphs(cuda, False, 32, 128)

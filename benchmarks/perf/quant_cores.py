@@ -11,12 +11,16 @@ the Hessian (q/k/v, gate/up) in one gptq_quantize_stacked call against --stack o
 AWQ: search_scale over --stack Linears sharing --awq-rows input rows, and search_clip on one
 of them (512 sampled tokens). Times are the best of --repeat runs, after one warm-up on a small
 layer. "max abs diff" compares dequantized weights (GPTQ), chosen scales (AWQ scale) or clip
-bounds (AWQ clip); "same bits" says whether every output is bit for bit equal.
+bounds (AWQ clip); "same bits" says whether every output is bit for bit equal. On CUDA an
+"eager vs graphs" row times this tree's GPTQ with its per-block CUDA graphs off (VQB_GPTQ_GRAPHS=0,
+in the "old" column) and on, and compares dequantized weights and codes.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import os
 import sys
 import time
 from pathlib import Path
@@ -75,6 +79,19 @@ def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, bool]
     return diff, all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+@contextlib.contextmanager
+def eager_sweeps():
+    previous = os.environ.get("VQB_GPTQ_GRAPHS")
+    os.environ["VQB_GPTQ_GRAPHS"] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["VQB_GPTQ_GRAPHS"]
+        else:
+            os.environ["VQB_GPTQ_GRAPHS"] = previous
+
+
 def gptq_rows(ref, shape, args, device, generator):
     rows, cols = shape
     h = random_hessian(cols, args.tokens, device, generator)
@@ -84,6 +101,12 @@ def gptq_rows(ref, shape, args, device, generator):
     t_old, old = timed(lambda: ref.gptq_quantize_full(w, h, **options), device, args.repeat)
     t_new, new = timed(lambda: gptq.gptq_quantize_full(w, h, **options), device, args.repeat)
     yield (f"gptq {rows}x{cols}", t_old, t_new, *max_diff([old.dequantized], [new.dequantized]))
+    if gptq.use_block_graphs(device, True, args.group_size, 128):
+        # The same code with its per-block CUDA graphs off ("old" is then the eager sweep).
+        with eager_sweeps():
+            t_eager, eager = timed(lambda: gptq.gptq_quantize_full(w, h, **options), device, args.repeat)
+        yield (f"gptq {rows}x{cols} eager vs graphs", t_eager, t_new,
+               *max_diff([eager.dequantized, eager.codes], [new.dequantized, new.codes]))
     if args.stack > 1:
         t_old, old = timed(lambda: [ref.gptq_quantize_full(w, h, **options) for w in weights],
                            device, args.repeat)
