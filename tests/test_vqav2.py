@@ -69,3 +69,44 @@ def test_batched_greedy_matches_batch_size_one(world):
     many = vqav2.evaluate(adapter, samples, batch_size=24, progress=False)
     assert [s["prediction"] for s in one.samples] == [s["prediction"] for s in many.samples]
     assert one.metrics == many.metrics
+
+
+def test_shared_image_prefix_gives_the_unshared_predictions(world, monkeypatch):
+    from dataclasses import replace
+
+    from fixtures.adapters import shared_prefix
+
+    adapter = load_adapter("t", "llava", "fixtures/tiny/llava-tiny", torch.device("cpu"), "float32", ROOT)
+    samples = vqav2.load_official(world / "vqav2", "val2014")[:40]
+    assert len({s.image_id for s in samples}) < len(samples)   # images asked about more than once
+    unshared = vqav2.evaluate(adapter, samples, batch_size=20, progress=False)
+
+    layouts = []
+    real_layout = shared_prefix.shared_layout
+    monkeypatch.setattr(shared_prefix, "shared_layout", lambda *a: layouts.append(real_layout(*a)) or layouts[-1])
+    adapter.generation = replace(adapter.generation, share_image_prefix=True)
+    shared = vqav2.evaluate(adapter, samples, batch_size=20, progress=False)
+    prefixes = [layout[1] for layout in layouts if layout is not None]
+    per_batch = [len({s.image_id for s in samples[i:i + 20]}) for i in (0, 20)]   # an image may span both
+    assert [len(p) for p in prefixes] == per_batch and sum(per_batch) < len(samples)
+    assert [s["prediction"] for s in shared.samples] == [s["prediction"] for s in unshared.samples]
+    assert shared.metrics == unshared.metrics
+
+
+def test_shared_layout_keeps_each_question_and_declines_when_nothing_repeats():
+    from fixtures.adapters.shared_prefix import shared_layout
+
+    image, pad = 9, 0
+    # Left-padded rows: [pad..] [1 image image] [question]; rows 0 and 2 show the same image.
+    ids = torch.tensor([[0, 0, 1, 9, 9, 5, 6], [0, 1, 9, 9, 7, 7, 7], [1, 9, 9, 8, 8, 8, 8]])
+    mask = (ids != 0).long()
+    pixels = torch.stack([torch.zeros(3, 2, 2), torch.ones(3, 2, 2), torch.zeros(3, 2, 2)])
+    prefix, unique, image_of_row, new_ids, new_mask = shared_layout(ids, mask, pixels, image, pad)
+    assert prefix.tolist() == [1, 9, 9] and image_of_row.tolist() == [0, 1, 0]
+    assert torch.equal(unique, pixels[:2])
+    assert new_ids.tolist() == [[1, 9, 9, 0, 0, 5, 6], [1, 9, 9, 0, 7, 7, 7], [1, 9, 9, 8, 8, 8, 8]]
+    assert torch.equal(new_mask, (new_ids != 0).long())
+    assert shared_layout(ids[:2], mask[:2], pixels[:2], image, pad) is None          # no repeat
+    other = ids.clone()
+    other[2, 0] = 2                                                                   # other prefix
+    assert shared_layout(other, (other != 0).long(), pixels, image, pad) is None

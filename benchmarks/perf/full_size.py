@@ -5,7 +5,9 @@ weights: timings only, never accuracy) and times, through the code of the tree g
 --tree (this checkout, or 40de34e exported next to it, so both run in one GPU session):
 
   eval         tasks.vqav2.evaluate at each --batches size: samples/s, and whether the
-               predictions equal those at batch size 1 (the first --parity samples)
+               predictions equal those at batch size 1 (the first --parity samples); in trees
+               with image-prefix sharing also with it on (how many predictions equal the
+               unshared ones)
   gptq_lm      quantizers.api.quantize: GPTQ W4 g128 of the language model (--layers: a slice
                "0-3" of its blocks, or all), 128 calibration samples
   awq_lm       the same with AWQ
@@ -25,6 +27,7 @@ Prints one line per measurement and writes them as JSON (--out). The world is ge
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -123,6 +126,18 @@ def main() -> None:
             report(work="eval", batch=batch, samples=len(chosen), seconds=round(clock.seconds, 2),
                    samples_per_s=round(len(chosen) / clock.seconds, 2), peak_gb=round(clock.peak_gb, 1),
                    same_as_batch1=predictions[batch] == predictions.get(1, predictions[batch]))
+            if batch > 1 and hasattr(adapter.generation, "share_image_prefix"):   # trees with sharing
+                unshared = [s["prediction"] for s in result.samples]
+                adapter.generation = dataclasses.replace(adapter.generation, share_image_prefix=True)
+                vqav2.evaluate(adapter, chosen[:batch], batch_size=batch, progress=False)   # warm-up
+                with Clock(torch, device) as clock:
+                    result = vqav2.evaluate(adapter, chosen, batch_size=batch, progress=False)
+                adapter.generation = dataclasses.replace(adapter.generation, share_image_prefix=False)
+                shared = [s["prediction"] for s in result.samples]
+                report(work="eval_shared_prefix", batch=batch, samples=len(chosen), seconds=round(clock.seconds, 2),
+                       samples_per_s=round(len(chosen) / clock.seconds, 2), peak_gb=round(clock.peak_gb, 1),
+                       same_as_unshared=sum(a == b for a, b in zip(shared, unshared)),
+                       images=len({s.image_id for s in chosen}))
 
     if "eval_profile" in work:   # where one batch's time goes (this tree's adapter API)
         batch = samples[:64]
