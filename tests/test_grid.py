@@ -53,6 +53,8 @@ def test_good_grid_expands_and_drops_16_bit_components(tmp_path):
     (("method: rtn, bits", "method: gptq, params: {damp: high}, bits"), "parameter damp must be float, got 'high'"),
     (("vqav2: {data: embedded}", "vqav2: {data: embedded, k_test: 3}"), "tasks.vqav2: unknown field(s) k_test"),
     (("path: fixtures/tiny/llava-tiny}", "path: x, generation: {num_beams: 0}}"), "models.m.generation.num_beams: must be an integer >= 1"),
+    (("path: fixtures/tiny/llava-tiny}", "path: x, generation: {share_image_prefix: 1}}"),
+     "models.m.generation.share_image_prefix: must be true or false, got 1"),
     (("path: fixtures/tiny/llava-tiny}", "path: x, components: {eyes: a.b}}"), "models.m.components: must map component names"),
     (("configs:", "calibration: {task: scienceqa}\nconfigs:"), "calibration.task: task scienceqa gives no calibration pairs"),
 ])
