@@ -2,7 +2,7 @@
 # benchmarks/perf/RESULTS.md's full-size rows, in one GPU session: today's tree and 40de34e
 # (exported to .old/, carried to the GPU machine) through the same script, full_size.py.
 #   git archive 40de34e | (mkdir -p .old && tar -x -C .old)      # once, here
-#   PART=old|eval|quant|pool OUT=DIR bash benchmarks/perf/full_size.sh
+#   PART=old|eval|quant|pool|graphs|qvlm OUT=DIR bash benchmarks/perf/full_size.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -20,5 +20,13 @@ case "${PART:-all}" in
     run new-slices --tree . --layers 0-3 --vision-layers 0-5 --work gptq_lm,awq_lm,gptq_vision
     run new-full --tree . --work gptq_lm,awq_lm,gptq_vision ;;&
   pool|all)
-    run pool --tree . --work pool --pool-config llava-1.5-13b-hf --pool-batch 32 ;;
+    run pool --tree . --work pool --pool-config llava-1.5-13b-hf --pool-batch 32 ;;&
+  graphs)   # GPTQ's per-block CUDA graphs vs the eager sweep, and the evaluation with prefix sharing
+    $PY benchmarks/perf/quant_cores.py --skip awq --shapes 4096x4096,11008x4096,4096x11008 --repeat 2 \
+      2>&1 | tee "$OUT/quant-cores-graphs.txt"
+    VQB_GPTQ_GRAPHS=0 run eager-slices --tree . --layers 0-3 --vision-layers 0-5 --work gptq_lm,gptq_vision
+    run graphs-slices --tree . --layers 0-3 --vision-layers 0-5 --work gptq_lm,gptq_vision
+    run graphs-full --tree . --work eval,eval_profile,gptq_lm,gptq_vision --batches 1,16,64,128 ;;
+  qvlm)
+    run qvlm --tree . --work qvlm_all ;;
 esac
