@@ -44,19 +44,48 @@ def quantize_static(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: i
     return quantize_with(x.float(), scale, zero, bits)[1].to(x.dtype)
 
 
+def _by_range(x: torch.Tensor, spec: ActivationQuant) -> torch.Tensor:
+    """x as rows whose extremes are one range each: one row (tensor) or a row per channel."""
+    flat = x.detach().float().reshape(-1, x.shape[-1])
+    return flat.T if spec.granularity == "channel" else flat.reshape(1, -1)
+
+
+def _order_ranks(n: int, p: float) -> tuple[int, int]:
+    """1-based ranks of the low and high clipping points of percentile p among n values."""
+    return max(1, round((1 - p) * n)), max(1, min(n, round(p * n)))
+
+
 def observed_range(x: torch.Tensor, spec: ActivationQuant, percentile: float | None = None) -> Range:
     """(lo, hi) of one batch of a Linear's input: over all values (tensor) or per channel."""
     p = spec.percentile if percentile is None else percentile
-    flat = x.detach().float().reshape(-1, x.shape[-1])
-    if spec.granularity == "channel":
-        flat = flat.T          # channels first: one range per channel, over the tokens
-    else:
-        flat = flat.reshape(1, -1)
-    if spec.clip == "minmax" or p >= 1.0:
-        return flat.amin(dim=-1), flat.amax(dim=-1)
-    n = flat.shape[-1]
-    low_k, high_k = max(1, round((1 - p) * n)), max(1, min(n, round(p * n)))
-    return flat.kthvalue(low_k, dim=-1).values, flat.kthvalue(high_k, dim=-1).values
+    return observed_ranges(x, spec, [p])[p]
+
+
+def observed_ranges(x: torch.Tensor, spec: ActivationQuant, percentiles: list[float],
+                    sort: bool | None = None) -> dict[float, Range]:
+    """observed_range at several percentiles at once (p >= 1 or clip minmax: the extremes).
+
+    Order statistics are exact, so every way of finding them gives the same values. On a GPU the
+    values are sorted once and read at each rank: torch's CUDA kthvalue selects within one thread
+    block per row, which takes seconds on a 40M-value activation (one row per tensor), where a
+    device-wide sort takes milliseconds. On the host, kthvalue's linear selection wins. `sort`
+    forces either way (None: sort on CUDA)."""
+    rows = _by_range(x, spec)
+    n = rows.shape[-1]
+    clipped = [p for p in percentiles if spec.clip != "minmax" and p < 1.0]
+    sort = rows.is_cuda if sort is None else sort
+    ordered = rows.sort(dim=-1).values if clipped and sort else None
+    out = {}
+    for p in percentiles:
+        if p not in clipped:
+            out[p] = rows.amin(dim=-1), rows.amax(dim=-1)
+            continue
+        low_k, high_k = _order_ranks(n, p)
+        if ordered is not None:
+            out[p] = ordered[:, low_k - 1].clone(), ordered[:, high_k - 1].clone()
+        else:
+            out[p] = rows.kthvalue(low_k, dim=-1).values, rows.kthvalue(high_k, dim=-1).values
+    return out
 
 
 def combine_ranges(ranges: list[Range], spec: ActivationQuant) -> Range:

@@ -136,3 +136,18 @@ def test_static_ranges_are_stored_in_the_cache_entry_and_restored(bench):  # noq
         a, b = quantized.model(**batches[0]).logits, restored.model(**batches[0]).logits
         plain = fp.model(**batches[0]).logits
     assert torch.equal(a, b) and not torch.equal(a, plain)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_sorted_ranks_equal_kthvalue_at_every_candidate(granularity):
+    # The GPU path sorts once and reads each percentile's ranks; the host path selects with
+    # kthvalue. Order statistics are exact: the two must agree bit for bit, ties included.
+    x = torch.randn(3, 50, 16, generator=torch.Generator().manual_seed(4))
+    x[0, :5] = 2.5                                              # ties at the top
+    spec = ActivationQuant(granularity, "percentile", 0.98)
+    candidates = [1.0, 0.995, 0.99, 0.985, 0.98]
+    by_sort = activations.observed_ranges(x, spec, candidates, sort=True)
+    by_select = activations.observed_ranges(x, spec, candidates, sort=False)
+    for p in candidates:
+        assert all(torch.equal(a, b) for a, b in zip(by_sort[p], by_select[p])), p
+        assert all(torch.equal(a, b) for a, b in zip(by_select[p], activations.observed_range(x, spec, p)))

@@ -164,10 +164,11 @@ class _BlockSearch:
         def observe(group, x, token_weights):
             if token_weights is not None:   # real tokens only
                 x = x.reshape(-1, x.shape[-1])[token_weights.reshape(-1) > 0]
+            # clip_at differs only in the clipping point, so one call serves every candidate.
+            by_p = activations.observed_ranges(x, clip_at[candidates[-1]], candidates)
             for p in candidates:
-                value_range = activations.observed_range(x, clip_at[p])
                 for target in group:
-                    seen[target.name][p].append(value_range)
+                    seen[target.name][p].append(by_p[p])
 
         feed.gather(window.targets, observe)
         modules = {t.name: t.module for t in window.targets}
