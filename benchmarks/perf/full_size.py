@@ -2,16 +2,20 @@
 
 Builds a released architecture from its shipped config (fixtures/configs/, seeded random bf16
 weights: timings only, never accuracy) and times, through the code of the tree given with
---tree (this checkout, or 40de34e exported next to it, so both run in one GPU session):
+--tree (this checkout, or 40de34e exported next to it, so both run in one GPU session). The
+config is LLaVA-1.5 (default) or BLIP-2 OPT (--config blip2-opt-2.7b: works eval and gptq_all).
 
   eval         tasks.vqav2.evaluate at each --batches size: samples/s, and whether the
-               predictions equal those at batch size 1 (the first --parity samples); in trees
-               with image-prefix sharing also with it on (how many predictions equal the
-               unshared ones)
+               predictions equal those at batch size 1 (the first --parity samples); with
+               --beams 1,5, once per beam width (greedy, beam search), each row naming it; for
+               greedy LLaVA in trees with image-prefix sharing, also with it on (how many
+               predictions equal the unshared ones)
   gptq_lm      quantizers.api.quantize: GPTQ W4 g128 of the language model (--layers: a slice
                "0-3" of its blocks, or all), 128 calibration samples
   awq_lm       the same with AWQ
   gptq_vision  GPTQ W4 g128 of the vision tower
+  gptq_all     GPTQ W4 g128 of every quantizable component (BLIP-2: vision, qformer, connector,
+               language; LLaVA: vision, connector, language): seconds, peak memory, Linears
   qvlm_all     (trees with Q-VLM) Q-VLM W4A4 of every component, static per-tensor activations:
                encoder optimization and block search seconds, peak memory
   pool         (this tree only) the runtime's model pool: FP model + a quantized config (RTN W4
@@ -20,6 +24,8 @@ weights: timings only, never accuracy) and times, through the code of the tree g
 
     python benchmarks/perf/full_size.py --tree . --work eval,gptq_lm --out new.json
     python benchmarks/perf/full_size.py --tree .old --layers 0-3 --out old.json
+    python benchmarks/perf/full_size.py --tree . --config blip2-opt-2.7b --work eval,gptq_all \
+        --batches 1,64 --beams 1,5 --out blip2.json
 
 Prints one line per measurement and writes them as JSON (--out). The world is generated small
 (--world), once, by this checkout's generator.
@@ -73,6 +79,7 @@ def main() -> None:
     parser.add_argument("--layers", default="all", help='blocks quantized: all, or a slice like "0-3"')
     parser.add_argument("--vision-layers", default="all")
     parser.add_argument("--batches", default="1,16,64")
+    parser.add_argument("--beams", help='beam widths timed by eval, e.g. "1,5" (default: the adapter\'s, greedy)')
     parser.add_argument("--samples", type=int, default=320, help="VQAv2 questions timed per batch size")
     parser.add_argument("--batch1-samples", type=int, default=32, help="questions timed at batch size 1")
     parser.add_argument("--parity", type=int, default=32, help="questions whose predictions are compared")
@@ -91,7 +98,6 @@ def main() -> None:
     sys.path[0] = str(args.tree.resolve())
 
     import torch
-    from fixtures.adapters.llava import LlavaAdapter
     from quantizers.api import quantize
     from quantizers.config import make_config
     from tasks import vqav2
@@ -109,35 +115,34 @@ def main() -> None:
     samples = vqav2.load_official(world / "vqav2", "val")
     calibration = vqav2.load_official(world / "vqav2", "train")[:128]
     if set(work) - {"pool"}:
-        model, processor = _random_init_module().llava_model_and_processor(
-            REPO / "fixtures/configs" / args.config, device, dtype)   # or a path
-        adapter = LlavaAdapter("perf", model, processor, device)
+        config_dir = REPO / "fixtures/configs" / args.config   # or a path
+        adapter = build_adapter(config_dir, device, dtype, work)
+        model = adapter.model
         report(work="model", parameters_b=sum(p.numel() for p in model.parameters()) / 1e9,
                prompt_tokens=adapter.model_inputs([samples[0].image()], [vqav2_prompt(adapter, samples[0])])["input_ids"].shape[1])
 
     if "eval" in work:
-        predictions = {}
-        for batch in [int(b) for b in args.batches.split(",")]:
-            chosen = samples[:args.batch1_samples if batch == 1 else args.samples]
-            vqav2.evaluate(adapter, chosen[:batch], batch_size=batch, progress=False)   # warm-up
-            with Clock(torch, device) as clock:
-                result = vqav2.evaluate(adapter, chosen, batch_size=batch, progress=False)
-            predictions[batch] = [s["prediction"] for s in result.samples[:args.parity]]
-            report(work="eval", batch=batch, samples=len(chosen), seconds=round(clock.seconds, 2),
-                   samples_per_s=round(len(chosen) / clock.seconds, 2), peak_gb=round(clock.peak_gb, 1),
-                   same_as_batch1=predictions[batch] == predictions.get(1, predictions[batch]))
-            if batch > 1 and hasattr(adapter.generation, "share_image_prefix"):   # trees with sharing
-                unshared = [s["prediction"] for s in result.samples]
-                adapter.generation = dataclasses.replace(adapter.generation, share_image_prefix=True)
+        # No --beams: the adapter's own decoding, and rows without a beams column (as before).
+        for beams in [int(b) for b in args.beams.split(",")] if args.beams else [None]:
+            beam_column = {}
+            if beams is not None:
+                adapter.generation = dataclasses.replace(adapter.generation, num_beams=beams)
+                beam_column = {"beams": beams}
+            predictions = {}
+            for batch in [int(b) for b in args.batches.split(",")]:
+                chosen = samples[:args.batch1_samples if batch == 1 else args.samples]
                 vqav2.evaluate(adapter, chosen[:batch], batch_size=batch, progress=False)   # warm-up
                 with Clock(torch, device) as clock:
                     result = vqav2.evaluate(adapter, chosen, batch_size=batch, progress=False)
-                adapter.generation = dataclasses.replace(adapter.generation, share_image_prefix=False)
-                shared = [s["prediction"] for s in result.samples]
-                report(work="eval_shared_prefix", batch=batch, samples=len(chosen), seconds=round(clock.seconds, 2),
+                predictions[batch] = [s["prediction"] for s in result.samples[:args.parity]]
+                alone = predictions.get(1, predictions[batch])
+                shared = min(len(alone), len(predictions[batch]))   # --samples may be under --batch1-samples
+                report(work="eval", **beam_column, batch=batch, samples=len(chosen), seconds=round(clock.seconds, 2),
                        samples_per_s=round(len(chosen) / clock.seconds, 2), peak_gb=round(clock.peak_gb, 1),
-                       same_as_unshared=sum(a == b for a, b in zip(shared, unshared)),
-                       images=len({s.image_id for s in chosen}))
+                       same_as_batch1=predictions[batch][:shared] == alone[:shared])
+                if batch > 1 and adapter.family == "llava" and adapter.generation.num_beams == 1 \
+                        and hasattr(adapter.generation, "share_image_prefix"):   # trees with sharing
+                    eval_shared_prefix(adapter, chosen, batch, [s["prediction"] for s in result.samples], report)
 
     if "eval_profile" in work:   # where one batch's time goes (this tree's adapter API)
         batch = samples[:64]
@@ -160,15 +165,16 @@ def main() -> None:
                vision_s=round(vision_clock.seconds, 3), generate_s=round(generate_clock.seconds, 3),
                attn=getattr(model.config, "_attn_implementation", "?"))
 
-    if any(w in work for w in ("gptq_lm", "awq_lm", "gptq_vision", "qvlm_all")):
+    if any(w in work for w in ("gptq_lm", "awq_lm", "gptq_vision", "gptq_all", "qvlm_all")):
         texts = [adapter.calibration_text(s.question, s.multiple_choice_answer) for s in calibration]
         batches = [adapter.model_inputs([s.image() for s in calibration[i:i + 16]], texts[i:i + 16])
                    for i in range(0, len(calibration), 16)]
         originals = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
-        all_components = {"vision": 4, "connector": 4, "language": 4}
+        all_components = {component: 4 for component in adapter.quantizable}
         jobs = {"gptq_lm": ("gptq", {"language": 4}, args.layers, {}),
                 "awq_lm": ("awq", {"language": 4}, args.layers, {}),
                 "gptq_vision": ("gptq", {"vision": 4}, args.vision_layers, {}),
+                "gptq_all": ("gptq", all_components, args.layers, {}),
                 # Q-VLM W4A4, every component, static per-tensor activations: the paper's setting
                 "qvlm_all": ("qvlm", all_components, args.layers, _qvlm_activation_settings)}
         for name in [w for w in work if w in jobs]:
@@ -195,6 +201,46 @@ def main() -> None:
 
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
+
+
+def eval_shared_prefix(adapter, chosen, batch, unshared, report) -> None:
+    """The same evaluation with image-prefix sharing on: samples/s, and how many predictions
+    equal the unshared ones."""
+    import torch
+    from tasks import vqav2
+
+    adapter.generation = dataclasses.replace(adapter.generation, share_image_prefix=True)
+    try:
+        vqav2.evaluate(adapter, chosen[:batch], batch_size=batch, progress=False)   # warm-up
+        with Clock(torch, adapter.device) as clock:
+            result = vqav2.evaluate(adapter, chosen, batch_size=batch, progress=False)
+    finally:
+        adapter.generation = dataclasses.replace(adapter.generation, share_image_prefix=False)
+    shared = [s["prediction"] for s in result.samples]
+    report(work="eval_shared_prefix", batch=batch, samples=len(chosen), seconds=round(clock.seconds, 2),
+           samples_per_s=round(len(chosen) / clock.seconds, 2), peak_gb=round(clock.peak_gb, 1),
+           same_as_unshared=sum(a == b for a, b in zip(shared, unshared)), images=len({s.image_id for s in chosen}))
+
+
+def build_adapter(config_dir: Path, device, dtype, work: list[str]):
+    """The measured tree's adapter around this checkout's random-init model of config_dir: LLaVA
+    or BLIP-2 OPT, told apart by the config's model_type."""
+    config = json.loads((Path(config_dir) / "config.json").read_text())
+    model_type = config["model_type"]
+    if model_type == "llava":
+        from fixtures.adapters.llava import LlavaAdapter
+        model, processor = _random_init_module().llava_model_and_processor(config_dir, device, dtype)
+        return LlavaAdapter("perf", model, processor, device)
+    if model_type != "blip-2":
+        sys.exit(f"--config {config_dir}: model_type {model_type!r} is neither llava nor blip-2")
+    if "Blip2ForImageTextRetrieval" in config.get("architectures", []):
+        sys.exit(f"--config {config_dir}: a BLIP-2 retrieval model answers no VQAv2; use the generative one")
+    unsupported = set(work) - {"eval", "gptq_all", "gptq_lm", "gptq_vision", "awq_lm"}
+    if unsupported:
+        sys.exit(f"--config {config_dir}: BLIP-2 runs eval and the GPTQ/AWQ works, not {', '.join(sorted(unsupported))}")
+    from fixtures.adapters.blip2 import Blip2Adapter   # the measured tree's own
+    model, processor = _random_init_module().blip2_model_and_processor(config_dir, device, dtype, retrieval=False)
+    return Blip2Adapter("perf", model, processor, device)
 
 
 def _qvlm_activation_settings() -> dict:
