@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--pool-config", default="llava-1.5-13b-hf")
     parser.add_argument("--pool-batch", type=int, default=32)
     parser.add_argument("--world", type=Path, default=Path("/tmp/vqb-perf-world"))
+    parser.add_argument("--progress", action="store_true", help="the quantizers' progress bars (stderr)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
@@ -182,7 +183,7 @@ def main() -> None:
             extra = extra() if callable(extra) else extra
             config = make_config(name, method, bits, group_size=128, layers=layers, **extra)
             with Clock(torch, device) as clock:
-                report_ = quantize(adapter, config, batches)[0]
+                report_ = quantize(adapter, config, batches, progress=args.progress)[0]
             qvlm_details = report_.details.get("qvlm", {})
             report(work=name, layers=layers, linears=len(report_.layers), seconds=round(clock.seconds, 1),
                    peak_gb=round(clock.peak_gb, 1),

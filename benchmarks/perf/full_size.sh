@@ -2,7 +2,7 @@
 # benchmarks/perf/RESULTS.md's full-size rows, in one GPU session: today's tree and 40de34e
 # (exported to .old/, carried to the GPU machine) through the same script, full_size.py.
 #   git archive 40de34e | (mkdir -p .old && tar -x -C .old)      # once, here
-#   PART=old|eval|quant|pool|graphs|qvlm OUT=DIR bash benchmarks/perf/full_size.sh
+#   PART=old|eval|quant|pool|graphs|qvlm|final OUT=DIR bash benchmarks/perf/full_size.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -29,4 +29,9 @@ case "${PART:-all}" in
     run graphs-full --tree . --work eval,eval_profile,gptq_lm,gptq_vision --batches 1,16,64,128 ;;
   qvlm)
     run qvlm --tree . --work qvlm_all ;;
+  final)    # Q-VLM W4A4 of the whole model (bounded), then BLIP-2 OPT-2.7B evaluation and GPTQ
+    timeout 400 $PY benchmarks/perf/full_size.py --tree . --work qvlm_all --progress --out "$OUT/qvlm.json" 2>&1 \
+      | tr '\r' '\n' | grep -v "Loading weights" | awk 'NR % 20 == 1 || /work/' | tail -40
+    timeout 170 $PY benchmarks/perf/full_size.py --tree . --config blip2-opt-2.7b --work eval,gptq_all \
+      --batches 1,64 --beams 1,5 --out "$OUT/blip2.json" 2>&1 | grep -v "Loading weights" ;;
 esac
