@@ -55,6 +55,10 @@ def test_good_grid_expands_and_drops_16_bit_components(tmp_path):
     (("path: fixtures/tiny/llava-tiny}", "path: x, generation: {num_beams: 0}}"), "models.m.generation.num_beams: must be an integer >= 1"),
     (("path: fixtures/tiny/llava-tiny}", "path: x, generation: {share_image_prefix: 1}}"),
      "models.m.generation.share_image_prefix: must be true or false, got 1"),
+    (("path: fixtures/tiny/llava-tiny}", "path: x, generation: {tasks: {vqa: {num_beams: 5}}}}"),
+     "models.m.generation.tasks: unknown task 'vqa'"),
+    (("path: fixtures/tiny/llava-tiny}", "path: x, generation: {tasks: {vqav2: {beams: 5}}}}"),
+     "models.m.generation.tasks.vqav2: unknown field(s) beams"),
     (("path: fixtures/tiny/llava-tiny}", "path: x, components: {eyes: a.b}}"), "models.m.components: must map component names"),
     (("configs:", "calibration: {task: scienceqa}\nconfigs:"), "calibration.task: task scienceqa gives no calibration pairs"),
 ])
@@ -170,3 +174,13 @@ def test_schedule_order_pairs_the_longest_groups_with_the_shortest_for_xdist():
     assert {costs[g] for g in pair[:2]} == set(sorted(costs.values())[-2:])
     assert {costs[g] for g in pair[2:4]} == set(sorted(costs.values())[:2])
     assert [costs[g] for g in pair[4:]] == sorted([costs[g] for g in pair[4:]], reverse=True)
+
+
+def test_generation_per_task_overrides_the_model_setting():
+    from fixtures.adapters.base import Generation
+
+    grid = load_grid(ROOT / "benchmarks/grids/paper.yaml")
+    blip2 = grid.models["blip2-opt-2.7b"].generation
+    assert blip2.num_beams == 5 and blip2.min_length == 0            # VQA: no minimum, as LAVIS
+    assert blip2.for_task("coco_caption") == Generation(num_beams=5, min_length=8, per_task=blip2.per_task)
+    assert blip2.for_task("vqav2") is blip2

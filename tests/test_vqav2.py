@@ -110,3 +110,16 @@ def test_shared_layout_keeps_each_question_and_declines_when_nothing_repeats():
     other = ids.clone()
     other[2, 0] = 2                                                                   # other prefix
     assert shared_layout(other, (other != 0).long(), pixels, image, pad) is None
+
+
+def test_blip2_beam_search_batched_matches_batch_size_one(world):
+    # LAVIS decodes BLIP-2 with 5 beams; the grid asks for it per model. Batched beams must give
+    # what one question at a time gives, as greedy does.
+    from fixtures.adapters.base import Generation
+
+    adapter = load_adapter("b", "blip2", "fixtures/tiny/blip2-tiny", torch.device("cpu"), "float32", ROOT,
+                           generation=Generation(num_beams=5))
+    samples = vqav2.load_official(world / "vqav2", "val2014")[:16]
+    one = vqav2.evaluate(adapter, samples, batch_size=1, progress=False)
+    many = vqav2.evaluate(adapter, samples, batch_size=16, progress=False)
+    assert [s["prediction"] for s in one.samples] == [s["prediction"] for s in many.samples]
