@@ -4,15 +4,39 @@ whose node id contains the given text, after its evaluation (setup) and before i
 recorded (after the call), as a crash in a real evaluation would land:
 
     VQB_FAULT_KILL_AT=<text>        the process running that test kills itself with SIGKILL
-                                    (only an original xdist worker, gw0 or gw1: a crash that
-                                    repeats on every replacement is xdist's own failure mode)
+                                    (only an original xdist worker, gw0 .. gw<n-1>: a crash
+                                    that repeats on every replacement is xdist's own failure
+                                    mode)
+    VQB_FAULT_HOLD_AT=<text>        the worker running that test waits in it until a
+                                    replacement worker has joined the run, i.e. until the main
+                                    process has the replacement's collection (at most
+                                    HOLD_LIMIT_S seconds, then the test fails)
     VQB_FAULT_INTERRUPT_AT=<text>   the process running that test gets SIGINT (Ctrl-C)
     VQB_FAULT_FAIL_AT=<text>        that test fails
+
+Why a hold: pytest-xdist 3.8.0 gives a worker that joins after the start one unit of work from
+what is left, and none when the other workers emptied the queue while it was starting (the
+tiny grid's tests take a second, a worker takes ten or more to start). Under pytest 9 every test
+is a unit of its own (the '@<group>' suffix xdist sets on `item._nodeid` no longer reaches the
+node id), and a worker starts a test only once it knows the next one, so the replacement runs
+its one test when the run shuts down. Holding the other worker's test until the replacement has
+joined leaves it that test whatever the timing, so a fault test can check the replacement's
+rows. The main process raises the flag from pytest_xdist_node_collection_finished, which xdist
+calls before it schedules the new worker; the held worker's next report is handled only after
+that, so the replacement gets its test before the held worker can take the rest.
 """
 import os
+import shutil
 import signal
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
+
+HOLD_LIMIT_S = 180.0
+HOLD_FLAG = pytest.StashKey[Path]()     # main process: the file raised when a replacement joins
+WORKER_DIED = pytest.StashKey[bool]()
 
 
 def _matches(variable: str, item: pytest.Item) -> bool:
@@ -20,10 +44,61 @@ def _matches(variable: str, item: pytest.Item) -> bool:
     return any(text and text in item.nodeid for text in os.environ.get(variable, "").split(","))
 
 
+def _original_worker() -> bool:
+    """Not an xdist replacement: gw0 .. gw<n-1> of n workers (or no xdist at all)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        return True
+    return int(worker.removeprefix("gw")) < int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("VQB_FAULT_HOLD_AT") and not hasattr(config, "workerinput"):
+        config.stash[HOLD_FLAG] = Path(tempfile.mkdtemp(prefix="vqb-fault-")) / "replacement-joined"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if HOLD_FLAG in config.stash:
+        shutil.rmtree(config.stash[HOLD_FLAG].parent, ignore_errors=True)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:  # xdist, main process: every worker, replacements too
+    if HOLD_FLAG in node.config.stash:
+        node.workerinput["vqb_fault_hold_flag"] = str(node.config.stash[HOLD_FLAG])
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    if error:
+        node.config.stash[WORKER_DIED] = True
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids) -> None:
+    """A worker collected after one died: a replacement has joined."""
+    config = node.config
+    if HOLD_FLAG in config.stash and config.stash.get(WORKER_DIED, False):
+        config.stash[HOLD_FLAG].touch()
+
+
+def _hold_until_replaced(item: pytest.Item) -> None:
+    flag = getattr(item.config, "workerinput", {}).get("vqb_fault_hold_flag")
+    if not flag:
+        pytest.fail("VQB_FAULT_HOLD_AT needs an xdist run (-n)", pytrace=False)
+    deadline = time.monotonic() + HOLD_LIMIT_S
+    while not os.path.exists(flag):          # polls a condition; the limit only ends a broken run
+        if time.monotonic() > deadline:
+            pytest.fail(f"held {HOLD_LIMIT_S:.0f} s and no replacement worker joined", pytrace=False)
+        time.sleep(0.1)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_call(item: pytest.Item) -> None:
-    if _matches("VQB_FAULT_KILL_AT", item) and os.environ.get("PYTEST_XDIST_WORKER", "gw0") in ("gw0", "gw1"):
+    if _matches("VQB_FAULT_KILL_AT", item) and _original_worker():
         os.kill(os.getpid(), signal.SIGKILL)
+    if _matches("VQB_FAULT_HOLD_AT", item):
+        _hold_until_replaced(item)
     if _matches("VQB_FAULT_INTERRUPT_AT", item):
         os.kill(os.getpid(), signal.SIGINT)
     if _matches("VQB_FAULT_FAIL_AT", item):

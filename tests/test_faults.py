@@ -1,7 +1,7 @@
 """Faults a nightly grid must survive: a killed worker, Ctrl-C, two runs on one report dir, an
 unusable report dir, damaged CSV parts. Each runs the real suite on the embedded world."""
 import csv
-import os
+import re
 import shutil
 import warnings
 from collections import Counter
@@ -14,28 +14,31 @@ from reports.rundir import RunDir, RunDirError
 from reports.schema import CSV_COLUMNS
 from tests.bench_run import SMALL_GRID, output, run_bench
 
-# The first group each of the two workers gets (grid.schedule_order): both original workers die,
-# so everything else must run on their replacements.
-KILLED = ("llava-tiny-rtn-w4-all]", "llava-tiny-rtn-w4g32-all]")
+# The first test each of the two workers gets (grid.schedule_order): whichever worker gets KILLED
+# dies in it; the other holds HELD until the replacement has joined, which leaves work for the
+# replacement (tests/fault_hooks.py says why that takes a hold). One worker only: two killed at
+# once end, now and then, in an INTERNALERROR of xdist 3.8.0 (KeyError: <WorkerController gw3>):
+# its scheduler still counts the dead workers' collections, so the first replacement to collect
+# has it hand work to the second, which has not collected yet.
+KILLED, HELD = "llava-tiny-rtn-w4-all]", "llava-tiny-rtn-w4g32-all]"
 
 
-@pytest.mark.skipif(os.environ.get("CI") == "true",
-                    reason="flaky under CI load: two workers killed at once sometimes end in an xdist "
-                           "INTERNALERROR (KeyError: <WorkerController gw3>) in its scheduler; passes "
-                           "when run alone (pytest tests/test_faults.py)")
-def test_killed_workers_lose_only_their_test_and_are_replaced(tmp_path):
+def test_killed_worker_loses_only_its_test_and_is_replaced(tmp_path):
     report = tmp_path / "run"
     # `--report-dir DIR` with a space, as people type it: replacement workers start after DIR
     # exists, which used to make their command line unparsable ("unrecognized arguments").
-    out = run_bench(*SMALL_GRID, "-n", "2", "--report-dir", str(report), VQB_FAULT_KILL_AT=",".join(KILLED))
+    out = run_bench(*SMALL_GRID, "-n", "2", "--report-dir", str(report), VQB_FAULT_KILL_AT=KILLED,
+                    VQB_FAULT_HOLD_AT=HELD)
     text = out.stdout + out.stderr
     assert out.returncode == 1, output(out)
     assert "unrecognized arguments" not in text and "INTERNALERROR" not in text, output(out)
-    assert text.count("replacing crashed worker") == 2, output(out)
-    for killed in KILLED:
-        assert f"crashed while running 'benchmarks/test_vqav2.py::test_vqav2[{killed}" in text, output(out)
-    # xdist hands a crashed test's group to another worker: it is skipped there, not run again.
-    assert "2 failed, 4 passed, 2 skipped" in out.stdout, output(out)
+    replaced = re.findall(r"replacing crashed worker (gw\d+)", text)
+    assert len(replaced) == 1 and replaced[0] in ("gw0", "gw1"), output(out)
+    killed_worker = replaced[0]
+    survivor, replacement = {"gw0": "gw1", "gw1": "gw0"}[killed_worker], "gw2"
+    assert f"{killed_worker!r} crashed while running 'benchmarks/test_vqav2.py::test_vqav2[{KILLED}" in text, output(out)
+    # xdist hands the crashed test to another worker: it is skipped there, not run again.
+    assert "1 failed, 5 passed, 1 skipped" in out.stdout, output(out)
 
     for part in (report / "parts").glob("*.csv"):      # nothing half-written in any part
         with open(part, newline="") as handle:
@@ -45,11 +48,12 @@ def test_killed_workers_lose_only_their_test_and_are_replaced(tmp_path):
     tests = Counter(row["test_id"] for row in rows if row["primary"] == "true" or row["status"] == "crashed")
     assert len(tests) == 6 and set(tests.values()) == {1}, tests           # each test once
     status = {row["test_id"].split("[")[1]: (row["status"], row["worker"]) for row in rows}
-    assert {status.pop(killed)[0] for killed in KILLED} == {"crashed"}
+    assert status.pop(KILLED) == ("crashed", killed_worker)
     assert {state for state, _ in status.values()} == {"passed"}
-    assert {worker for _, worker in status.values()} <= {"gw2", "gw3"}, status   # the replacements
-    # What --resume would run again: exactly the two crashed tests.
-    assert len(RunDir(report).passed_keys()) == 4
+    # The survivor went on, and the replacement ran tests too.
+    assert {worker for _, worker in status.values()} == {survivor, replacement}, status
+    # What --resume would run again: exactly the crashed test.
+    assert len(RunDir(report).passed_keys()) == 5
 
 
 def test_ctrl_c_leaves_a_valid_results_csv_of_what_finished(tmp_path):
