@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The perf grid on one GPU with no batch size given (the runtime picks one from free memory,
-# fixtures/runtime/batching.py) and LLaVA's image-prefix sharing on: FP and RTN W4 g128 of the
+# fixtures/runtime/batching.py), LLaVA's image-prefix sharing on as in the grid: FP and RTN W4 g128 of the
 # language model for each random-init model of benchmarks/grids/perf.yaml. Prints the batch size
 # chosen per (model, task) and the CSV's timings; runs the CUDA test of the batch-size probe.
 #   OUT=DIR bash benchmarks/perf/auto_batch.sh
@@ -14,10 +14,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then   # pytest-xdist for the GPU machine
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 GRID=$(mktemp --suffix .yaml)
-sed -e 's/defaults: {limit: 300, batch_size: 64}/defaults: {limit: 300}/' \
-    -e 's/random_init: true, dtype: bfloat16}/random_init: true, dtype: bfloat16, generation: {share_image_prefix: true}}/' \
-    benchmarks/grids/perf.yaml > "$GRID"
-grep -n "defaults\|llava-1.5-7b-random" "$GRID"
+sed -e 's/defaults: {limit: 300, batch_size: 64}/defaults: {limit: 300}/' benchmarks/grids/perf.yaml > "$GRID"
+grep -n "defaults\|share_image_prefix" "$GRID"
 $PY -m pytest tests/test_batching.py -q -p no:cacheprovider 2>&1 | tail -2
 REPORT=$(mktemp -d)
 $PY -m pytest --grid="$GRID" -k "fp16 or rtn-w4g128-language" --device cuda --report-dir="$REPORT" \
