@@ -93,28 +93,45 @@ def batched(items: Sequence, size: int) -> Iterator[Sequence]:
 def generate_replies(adapter: Any, samples: Sequence, prompt_of: Callable[[Any], str], max_new_tokens: int,
                      batch_size: int, desc: str, progress: bool = True,
                      unit: str = "q") -> Iterator[tuple[Any, str, str]]:
-    """(sample, prompt, greedy reply) for every sample, generated in batches under a progress
-    bar: the loop every generative task shares; each task only prompts and scores.
+    """(sample, prompt, greedy reply) for every sample, in order, generated in batches under a
+    progress bar: the loop every generative task shares; each task only prompts and scores.
 
     The next batch is read and encoded (images decoded, resized, normalized; prompts tokenized)
     on a background thread while the device generates the current one: the same inputs as one
-    after the other, with the host's work off the device's critical path."""
+    after the other, with the host's work off the device's critical path. With the model's
+    `generation.length_buckets`, batches are formed from prompts of similar token length (less
+    padding to prefill; replies still come back in the samples' order)."""
     def encode(batch):
         prompts = [prompt_of(sample) for sample in batch]
         return prompts, adapter.encode([sample.image() for sample in batch], prompts)
 
+    order = list(range(len(samples)))
+    if getattr(getattr(adapter, "generation", None), "length_buckets", False):
+        order = length_order(adapter, [prompt_of(sample) for sample in samples])
     bar = tqdm(total=len(samples), desc=desc, unit=unit, disable=not progress, leave=False)
-    batches = list(batched(samples, batch_size))
+    batches = list(batched(order, batch_size))
+    replies: dict[int, tuple[Any, str, str]] = {}
+    next_out = 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") as pool:
-        pending = pool.submit(encode, batches[0]) if batches else None
+        pending = pool.submit(encode, [samples[i] for i in batches[0]]) if batches else None
         for index, batch in enumerate(batches):
             prompts, encoded = pending.result()
             if index + 1 < len(batches):
-                pending = pool.submit(encode, batches[index + 1])
-            replies = adapter.generate_encoded(encoded, max_new_tokens)
-            yield from zip(batch, prompts, replies)
+                pending = pool.submit(encode, [samples[i] for i in batches[index + 1]])
+            texts = adapter.generate_encoded(encoded, max_new_tokens)
+            replies.update((i, (samples[i], prompt, text)) for i, prompt, text in zip(batch, prompts, texts))
             bar.update(len(batch))
+            while next_out in replies:   # in order: streamed when unsorted, at the end when sorted
+                yield replies.pop(next_out)
+                next_out += 1
     bar.close()
+
+
+def length_order(adapter: Any, prompts: list[str]) -> list[int]:
+    """Sample indices by their prompt's token count (stable: ties keep the samples' order)."""
+    tokenizer = adapter.processor.tokenizer
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    return sorted(range(len(prompts)), key=lengths.__getitem__)
 
 
 class LazyImage:

@@ -161,3 +161,32 @@ def test_evaluate_counts_by_hand():
 def test_evaluate_without_samples_is_an_error():
     with pytest.raises(DataError, match="no samples"):
         scienceqa.evaluate(FakeAdapter({}), [], progress=False)
+
+
+def test_length_buckets_give_the_same_replies_in_the_same_order(tmp_path, monkeypatch):
+    # ScienceQA's prompts vary with their hints: batches of similar length pad less, and the
+    # replies must still be those of the unsorted batches, each with its own sample.
+    from dataclasses import replace
+    from pathlib import Path
+
+    import torch
+
+    from fixtures.adapters import load_adapter
+    from fixtures.world.generate import generate_world
+
+    root = Path(__file__).resolve().parent.parent
+    generate_world(tmp_path / "world", split_images={}, others={"scienceqa": {"val": 24}}, progress=False)
+    samples = scienceqa.load_official(tmp_path / "world" / "scienceqa", "val")
+    adapter = load_adapter("t", "llava", "fixtures/tiny/llava-tiny", torch.device("cpu"), "float32", root)
+    plain = scienceqa.evaluate(adapter, samples, batch_size=8, progress=False)
+
+    widths = []
+    encode = adapter.encode
+    monkeypatch.setattr(adapter, "encode", lambda images, texts: widths.append(
+        [len(ids) for ids in adapter.processor.tokenizer(texts)["input_ids"]]) or encode(images, texts))
+    adapter.generation = replace(adapter.generation, length_buckets=True)
+    bucketed = scienceqa.evaluate(adapter, samples, batch_size=8, progress=False)
+    assert [s["prediction"] for s in bucketed.samples] == [s["prediction"] for s in plain.samples]
+    assert [s["pid"] for s in bucketed.samples] == [s["pid"] for s in plain.samples] == [s.pid for s in samples]
+    flat = [n for batch in widths for n in batch]
+    assert flat == sorted(flat) and len(set(flat)) > 1      # batches by length, and lengths differ
