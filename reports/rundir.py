@@ -10,8 +10,9 @@
                                        appended and synced after every test; a resumed run
                                        writes results-<worker>.<run id>.csv beside them
       .run.lock, .run-owner.json       held by the run writing here: a second run is refused
-      baselines/<model>--<task>.json   the FP result of (model, task), computed once per run by
-                                       whichever worker needs it first (under a file lock)
+      baselines/<model>--<task>.json   the FP result of (model, task) and the batch size every
+                                       config of it uses, computed once per run by whichever
+                                       worker needs it first (under a file lock)
       samples/<model>/<task>/<config>.jsonl   per-sample logs, written whole (temp + rename)
       plots/                           made from results.csv at session end
 
