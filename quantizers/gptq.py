@@ -239,6 +239,15 @@ def _quantize_columns(w, hinv, scale, zero, group_of_position, segments, *, bits
     if use_block_graphs(w.device, dynamic, group, block_size) and cols >= block_size:
         graph = _BlockGraph(rows, block_size, maxq, w.device)
         group_of_column = torch.tensor(group_of_position, dtype=torch.long, device=w.device)
+
+    def set_group_grid(start, i, w_block, err_block):
+        """A dynamic group starting at column start+i gets its grid from the weights as they stand."""
+        col = start + i
+        if dynamic and col % group == 0:
+            g = col // group
+            scale[:, g:g + 1], zero[:, g:g + 1] = _group_grid(
+                w, w_block, err_block, hinv, start, i, min(col + group, cols), segments, bits, sym)
+
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
         width = end - start
@@ -248,28 +257,20 @@ def _quantize_columns(w, hinv, scale, zero, group_of_position, segments, *, bits
         hinv_block = hinv[start:end, start:end].contiguous()
 
         if graph is not None and width == block_size:
-            if dynamic and start % group == 0:   # the only boundaries a graph sweep allows
-                g = start // group
-                scale[:, g:g + 1], zero[:, g:g + 1] = _group_grid(
-                    w, w_block, None, hinv, start, 0, min(start + group, cols), segments, bits, sym)
+            # A graph sweep allows group boundaries at block starts only (use_block_graphs), where
+            # no error of the block is pending yet.
+            set_group_grid(start, 0, w_block, None)
             err_block, q_block, dq_block = graph.run(w_block, hinv_block, scale, zero,
                                                      group_of_column[start:end])
         else:
             err_block = torch.empty(rows, width, dtype=w.dtype, device=w.device)
             q_block = torch.empty_like(err_block)
             dq_block = torch.empty_like(err_block)
-
-            def boundary(i, start=start, w_block=w_block, err_block=err_block):
-                col = start + i
-                if dynamic and col % group == 0:
-                    g = col // group
-                    scale[:, g:g + 1], zero[:, g:g + 1] = _group_grid(
-                        w, w_block, err_block, hinv, start, i, min(col + group, cols), segments, bits,
-                        sym)
-
             columns = group_of_position[start:end]
             _sweep_block(w_block, hinv_block, [scale_of[g] for g in columns], [zero_of[g] for g in columns],
-                         err_block, q_block, dq_block, product, maxq, boundary)
+                         err_block, q_block, dq_block, product, maxq,
+                         lambda i, start=start, w_block=w_block, err_block=err_block:
+                         set_group_grid(start, i, w_block, err_block))
         codes[:, start:end] = q_block
         deq[:, start:end] = dq_block
         # Lazy batch update: the columns after the block receive all its errors in one matmul
