@@ -101,23 +101,28 @@ def generate_replies(adapter: Any, samples: Sequence, prompt_of: Callable[[Any],
     after the other, with the host's work off the device's critical path. With the model's
     `generation.length_buckets`, batches are formed from prompts of similar token length (less
     padding to prefill; replies still come back in the samples' order)."""
-    def encode(batch):
-        prompts = [prompt_of(sample) for sample in batch]
-        return prompts, adapter.encode([sample.image() for sample in batch], prompts)
-
+    # Bucketing needs every prompt up front; otherwise each is formatted with its batch, in the
+    # background thread.
+    all_prompts = None
     order = list(range(len(samples)))
     if getattr(getattr(adapter, "generation", None), "length_buckets", False):
-        order = length_order(adapter, [prompt_of(sample) for sample in samples])
+        all_prompts = [prompt_of(sample) for sample in samples]
+        order = length_order(adapter, all_prompts)
+
+    def encode(indices):
+        prompts = [all_prompts[i] if all_prompts is not None else prompt_of(samples[i]) for i in indices]
+        return prompts, adapter.encode([samples[i].image() for i in indices], prompts)
+
     bar = tqdm(total=len(samples), desc=desc, unit=unit, disable=not progress, leave=False)
     batches = list(batched(order, batch_size))
     replies: dict[int, tuple[Any, str, str]] = {}
     next_out = 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") as pool:
-        pending = pool.submit(encode, [samples[i] for i in batches[0]]) if batches else None
+        pending = pool.submit(encode, batches[0]) if batches else None
         for index, batch in enumerate(batches):
             prompts, encoded = pending.result()
             if index + 1 < len(batches):
-                pending = pool.submit(encode, [samples[i] for i in batches[index + 1]])
+                pending = pool.submit(encode, batches[index + 1])
             texts = adapter.generate_encoded(encoded, max_new_tokens)
             replies.update((i, (samples[i], prompt, text)) for i, prompt, text in zip(batch, prompts, texts))
             bar.update(len(batch))
