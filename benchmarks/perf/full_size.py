@@ -132,9 +132,7 @@ def main() -> None:
             predictions = {}
             for batch in [int(b) for b in args.batches.split(",")]:
                 chosen = samples[:args.batch1_samples if batch == 1 else args.samples]
-                vqav2.evaluate(adapter, chosen[:batch], batch_size=batch, progress=False)   # warm-up
-                with Clock(torch, device) as clock:
-                    result = vqav2.evaluate(adapter, chosen, batch_size=batch, progress=False)
+                result, clock = timed_eval(adapter, chosen, batch)
                 predictions[batch] = [s["prediction"] for s in result.samples[:args.parity]]
                 alone = predictions.get(1, predictions[batch])
                 shared = min(len(alone), len(predictions[batch]))   # --samples may be under --batch1-samples
@@ -204,17 +202,23 @@ def main() -> None:
         args.out.write_text(json.dumps(results, indent=1))
 
 
-def eval_shared_prefix(adapter, chosen, batch, unshared, report) -> None:
-    """The same evaluation with image-prefix sharing on: samples/s, and how many predictions
-    equal the unshared ones."""
+def timed_eval(adapter, chosen, batch):
+    """(result, Clock) of tasks.vqav2.evaluate on `chosen` at `batch`, after a one-batch warm-up."""
     import torch
     from tasks import vqav2
 
+    vqav2.evaluate(adapter, chosen[:batch], batch_size=batch, progress=False)
+    with Clock(torch, adapter.device) as clock:
+        result = vqav2.evaluate(adapter, chosen, batch_size=batch, progress=False)
+    return result, clock
+
+
+def eval_shared_prefix(adapter, chosen, batch, unshared, report) -> None:
+    """The same evaluation with image-prefix sharing on: samples/s, and how many predictions
+    equal the unshared ones."""
     adapter.generation = dataclasses.replace(adapter.generation, share_image_prefix=True)
     try:
-        vqav2.evaluate(adapter, chosen[:batch], batch_size=batch, progress=False)   # warm-up
-        with Clock(torch, adapter.device) as clock:
-            result = vqav2.evaluate(adapter, chosen, batch_size=batch, progress=False)
+        result, clock = timed_eval(adapter, chosen, batch)
     finally:
         adapter.generation = dataclasses.replace(adapter.generation, share_image_prefix=False)
     shared = [s["prediction"] for s in result.samples]
