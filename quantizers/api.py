@@ -54,10 +54,21 @@ def check_coverage(before: dict, after: dict, targets: list[Target],
                             + (f"changed but not targeted: {', '.join(stray)}" if stray else ""))
 
 
+def watch_tokens(adapter, targets: list[Target]) -> tuple[activations.TokenMask | None, list]:
+    """A TokenMask fed by the language model's attention mask, when a target is in it (ranges
+    over real tokens only), with its hook handles."""
+    if "language" not in {t.component for t in targets} or "language" not in adapter.components:
+        return None, []
+    tokens = activations.TokenMask()
+    return tokens, tokens.watch(adapter.component("language"))
+
+
 def _attach_activations(adapter, config: QuantConfig, targets: list[Target],
                         ranges: dict[str, activations.Range] | None) -> None:
     if config.quantizes_activations:
-        activations.attach({t.name: t.module for t in targets}, config.a_bits, config.a_quant, ranges)
+        tokens, _ = watch_tokens(adapter, targets)
+        activations.attach({t.name: t.module for t in targets}, config.a_bits,
+                           activations.plan(targets, config.a_quant, adapter.layout), ranges, tokens)
 
 
 def _activation_ranges(adapter, config: QuantConfig, targets: list[Target], batches: list[dict] | None,
@@ -68,7 +79,13 @@ def _activation_ranges(adapter, config: QuantConfig, targets: list[Target], batc
         return {}
     if output.activation_ranges:
         return output.activation_ranges
-    return activations.calibrate_ranges(adapter.model, {t.name: t.module for t in targets}, batches, config.a_quant)
+    tokens, handles = watch_tokens(adapter, targets)
+    try:
+        return activations.calibrate_ranges(adapter.model, {t.name: t.module for t in targets}, batches,
+                                            activations.plan(targets, config.a_quant, adapter.layout), tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def quantize(adapter, config: QuantConfig, batches: list[dict] | None = None,

@@ -18,8 +18,11 @@ COMPONENT_NAMES = ("vision", "qformer", "connector", "language", "lm_head")
 MIN_BITS, MAX_BITS = 2, 8
 FULL_PRECISION = 16
 ACTIVATION_BITS = (4, 6, 8)      # below 16; each has its mark (a4, a6, a8)
-ACTIVATION_GRANULARITIES = ("token", "tensor", "channel")
+# quantizers/activations.py explains each; "official" is Q-VLM's code's mix, resolved per Linear.
+ACTIVATION_GRANULARITIES = ("token", "tensor", "channel", "position", "channel_dynamic", "official")
+STATIC_GRANULARITIES = ("tensor", "channel", "position", "official")   # ranges fitted on calibration data
 ACTIVATION_CLIPS = ("minmax", "percentile")
+DECODE_RULES = ("clip", "widen")
 
 
 class ConfigError(ValueError):
@@ -58,34 +61,51 @@ class ActivationQuant:
     clip: str = "minmax"
     percentile: float = 0.999   # with clip: percentile; 1.0 would be min-max
     sym: bool = False
+    # A decode step's token (one new token per sequence): "clip" quantizes it on the range like
+    # any token; "widen" widens the range to hold it, so generated tokens are never clipped (Q-VLM's
+    # code). Empty: the granularity's default, widen for "official", clip otherwise.
+    decode: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.decode:
+            object.__setattr__(self, "decode", "widen" if self.granularity == "official" else "clip")
 
     @property
     def static(self) -> bool:
-        return self.granularity != "token"
+        """Some Linear's range is fitted once on calibration data (not taken from the input)."""
+        return self.granularity in STATIC_GRANULARITIES
 
     def label(self, bits: int) -> str:
         clip = f"p{self.percentile:g}" if self.clip == "percentile" else self.clip
-        return f"a{bits}-{self.granularity}-{clip if self.static else 'dynamic'}-{'sym' if self.sym else 'asym'}"
+        widen = "-widen" if self.decode == "widen" and self.granularity != "token" else ""
+        return (f"a{bits}-{self.granularity}-{clip if self.static else 'dynamic'}-{'sym' if self.sym else 'asym'}"
+                f"{widen}")
 
     @classmethod
     def parse(cls, raw: Mapping | None, where: str) -> "ActivationQuant":
         raw = dict(raw or {})
-        unknown = sorted(set(raw) - {"granularity", "clip", "percentile", "sym"})
+        allowed = ("granularity", "clip", "percentile", "sym", "decode")
+        unknown = sorted(set(raw) - set(allowed))
         if unknown:
-            raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: granularity, clip, "
-                              "percentile, sym")
+            raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+        for name in ("granularity", "clip", "decode"):
+            if name in raw and not isinstance(raw[name], str):
+                raise ConfigError(f"{where}: {name} must be a string, got {raw[name]!r}")
+        if "sym" in raw and not isinstance(raw["sym"], bool):
+            raise ConfigError(f"{where}: sym must be true or false, got {raw['sym']!r}")
         spec = cls(**raw)
         if spec.granularity not in ACTIVATION_GRANULARITIES:
             raise ConfigError(f"{where}: granularity must be one of {', '.join(ACTIVATION_GRANULARITIES)}, got {spec.granularity!r}")
         if spec.clip not in ACTIVATION_CLIPS:
             raise ConfigError(f"{where}: clip must be one of {', '.join(ACTIVATION_CLIPS)}, got {spec.clip!r}")
+        if spec.decode not in DECODE_RULES:
+            raise ConfigError(f"{where}: decode must be one of {', '.join(DECODE_RULES)}, got {spec.decode!r}")
         if spec.clip == "percentile" and not spec.static:
-            raise ConfigError(f"{where}: clip percentile needs a static granularity (tensor or channel)")
+            raise ConfigError(f"{where}: clip percentile needs a static granularity "
+                              f"({', '.join(STATIC_GRANULARITIES)})")
         if isinstance(spec.percentile, bool) or not isinstance(spec.percentile, (int, float)) \
                 or not 0.5 < spec.percentile <= 1.0:
             raise ConfigError(f"{where}: percentile must be a number in (0.5, 1], got {spec.percentile!r}")
-        if not isinstance(spec.sym, bool):
-            raise ConfigError(f"{where}: sym must be true or false, got {spec.sym!r}")
         return spec
 
 
@@ -200,5 +220,9 @@ def make_config(name: str, method: str, bits: Mapping[str, int] | None = None, *
     params = kwargs.pop("params", None)
     if not isinstance(params, MethodParams):
         params = get_method(method, f"config {name!r}").Params.parse(params, f"config {name!r}: params")
+    if kwargs.get("a_quant") is None:   # not given: the method's default (its authors' quantizers)
+        kwargs.pop("a_quant", None)
+        if kwargs.get("a_bits"):
+            kwargs["a_quant"] = get_method(method, f"config {name!r}").default_a_quant
     return QuantConfig(name=name, method=method, w_bits=tuple(sorted((bits or {}).items())),
                        params=params, **kwargs)

@@ -33,6 +33,17 @@ class _Caught(Exception):
     """Raised from a pre-hook to stop the forward pass once the block's inputs are caught."""
 
 
+class CalibrationBatch(dict):
+    """One calibration batch: the model's inputs (a dict, passed as model(**batch)), and beside
+    them per-token masks a method may use, each (batch, tokens) like the attention mask:
+    `answer_mask` marks the calibration answer's tokens and the token before them (whose output
+    predicts the answer's first token); None where the data has no answer."""
+
+    def __init__(self, inputs: dict, answer_mask: torch.Tensor | None = None):
+        super().__init__(inputs)
+        self.answer_mask = answer_mask
+
+
 @dataclass
 class BlockInput:
     """What one calibration batch feeds a block: its positional and keyword arguments, and the
@@ -73,10 +84,16 @@ class Feed:
     grad: bool = False
     _groups: list[list[Target]] | None = field(default=None, repr=False)
 
-    def run(self) -> list[torch.Tensor]:
-        """The window's outputs for every batch (forward hooks the method registered see them)."""
+    def run(self, each: Callable[[BlockInput], None] | None = None) -> list[torch.Tensor]:
+        """The window's outputs for every batch (forward hooks the method registered see them);
+        each(item), when given, is called before each batch's forward pass."""
+        outputs = []
         with nullcontext() if self.grad else torch.no_grad():
-            return [run_window(self.window, item) for item in self.inputs]
+            for item in self.inputs:
+                if each is not None:
+                    each(item)
+                outputs.append(run_window(self.window, item))
+        return outputs
 
     def gather(self, targets: list[Target], on_input: InputCallback) -> None:
         """Run the window once; for each batch and each distinct input tensor that reaches the

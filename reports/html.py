@@ -16,6 +16,7 @@ from reports.compare_markdown import finding_cells
 from reports.plots import make_figures, png_bytes
 from reports.runs import Run, load_run
 from reports.schema import is_primary, is_random_init, parse_float
+from tasks.registry import UnknownTask, get_task
 
 REPORT_NAME = "report.html"
 
@@ -87,32 +88,47 @@ def _timestamps(rows: Sequence[dict[str, str]]) -> list[str]:
     return [row["timestamp"] for row in rows if row.get("timestamp")]
 
 
-_TASK_HEADERS = ("config", "method", "components", "w_bits", "a_bits", "bpw", "metric", "value", "FP", "delta",
-                 "rel. delta", "n", "status")
+_TASK_HEADERS = ("config", "method", "components", "w_bits", "a_bits", "a_quant", "bpw", "metric", "value", "FP",
+                 "delta", "rel. delta")
+_TAIL_HEADERS = ("n", "status")
+
+
+def _diagnostics(task: str) -> tuple[str, ...]:
+    """The task's secondary metrics that say why its score moved (tasks.registry), shown beside it."""
+    try:
+        return get_task(task).diagnostics
+    except UnknownTask:
+        return ()
 
 
 def _task_tables(rows: Sequence[dict[str, str]]) -> str:
     """One table per (model, task): each test's primary metric (or its bare row if it never
-    measured, so a failure stays visible), by bpw."""
+    measured, so a failure stays visible), its diagnostics (format failures, answer length), by bpw."""
     chosen: dict[str, dict[str, str]] = {}
+    values: dict[str, dict[str, str]] = {}
     for row in rows:
-        current = chosen.get(row.get("test_id", ""))
+        test = row.get("test_id", "")
+        values.setdefault(test, {})[row.get("metric", "")] = row.get("value", "")
+        current = chosen.get(test)
         if current is None or is_primary(row) or not is_primary(current):
-            chosen[row.get("test_id", "")] = row
+            chosen[test] = row
     groups: dict[tuple[str, str], list[dict[str, str]]] = {}
     for row in chosen.values():
         groups.setdefault((row.get("model", ""), row.get("task", "")), []).append(row)
     parts = []
     for (model, task), members in sorted(groups.items()):
         members.sort(key=lambda r: (-(parse_float(r.get("bpw")) or 0.0), r.get("config", "")))
+        diagnostics = _diagnostics(task)
         cells = [(r.get("config", ""), r.get("method", ""), r.get("components", ""), r.get("w_bits", ""),
-                  r.get("a_bits", ""), _number(r.get("bpw")), r.get("metric", ""), _number(r.get("value")),
-                  _number(r.get("fp_value")), _number(r.get("delta"), True),
+                  r.get("a_bits", ""), r.get("a_quant", "") or "-", _number(r.get("bpw")), r.get("metric", ""),
+                  _number(r.get("value")), _number(r.get("fp_value")), _number(r.get("delta"), True),
                   "-" if parse_float(r.get("rel_delta")) is None else f"{100 * parse_float(r.get('rel_delta')):+.1f}%",
+                  *(_number(values[r.get("test_id", "")].get(name)) for name in diagnostics),
                   r.get("n_samples", ""), r.get("status", "") + (" (random-init)" if is_random_init(r) else ""))
                  for r in members]
-        parts.append(f"<h3>{escape(model)} · {escape(task)}</h3>"
-                     + _table(_TASK_HEADERS, cells, numeric={5, 7, 8, 9, 10, 11}))
+        headers = (*_TASK_HEADERS, *diagnostics, *_TAIL_HEADERS)
+        numeric = {6, 8, 9, 10, 11, *range(12, 12 + len(diagnostics) + 1)}
+        parts.append(f"<h3>{escape(model)} · {escape(task)}</h3>" + _table(headers, cells, numeric=numeric))
     return "".join(parts)
 
 

@@ -6,8 +6,9 @@
   bpw are unrelated configs (another component, another group size);
 - component sensitivity, one per (model, task) that has single-component configs: a heatmap of
   component x weight bits -> relative change vs FP;
-- methods at equal size: grouped bars of the change vs FP, per (model, task) and bpw bucket
-  where at least two methods landed.
+- methods at equal size: grouped bars of the change vs FP, per (model, task), bpw bucket and
+  activation bits where at least two methods landed (W4A4 and W4A16 are not the same size of
+  problem: activation bits are never pooled).
 
 Figures are built on matplotlib's Agg canvas directly rather than through pyplot, so plotting
 needs no display, leaves the process-wide backend alone and keeps no figures alive.
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
 from reports.schema import is_primary, parse_bool, parse_float
@@ -30,6 +32,11 @@ FP_METHOD = "fp"
 # Configs whose whole-model bpw differ by less than this fraction share a bucket: the same nominal
 # bits, where one method's extra scales (AWQ's input scales) add a few hundredths.
 BPW_BUCKET_SPREAD = 0.02
+# The narrowest bpw axis a score-vs-size plot gets: configs within hundredths of a bit stay
+# together on it rather than filling it as if their sizes differed much.
+MIN_BPW_SPAN = 1.0
+# Vertical offset (points) between the labels of configs that crowd one spot of the bpw axis.
+LABEL_STEP = 9
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,7 @@ class Point:
     bpw: float
     value: float
     rel_delta: float | None      # (value - fp) / fp
+    a_bits: int = 16             # activation bits (16: not quantized)
 
 
 def _file_stem(*parts: str) -> str:
@@ -58,8 +66,9 @@ def _points(rows: Sequence[dict[str, str]]) -> list[Point]:
         rel = parse_float(row.get("rel_delta"))
         if rel is None and fp:
             rel = (value - fp) / fp
+        a_bits = parse_float(row.get("a_bits"))
         points.append(Point(row.get("config", "") or "?", row.get("method", "") or "?", row.get("components", ""),
-                            row.get("w_bits", ""), bpw, value, rel))
+                            row.get("w_bits", ""), bpw, value, rel, int(a_bits) if a_bits else 16))
     return points
 
 
@@ -104,9 +113,7 @@ def score_vs_bpw(model: str, task: str, rows: Sequence[dict[str, str]]) -> Figur
         if len(front) > 1:
             axes.plot([p.bpw for p in front], [p.value for p in front], color=scatter.get_facecolor()[0],
                       linewidth=1, alpha=0.6, label=f"{method} Pareto front")
-        for point in members:
-            axes.annotate(point.config, (point.bpw, point.value), textcoords="offset points", xytext=(4, 4),
-                          fontsize=7)
+    _label_points(axes, points)
     baseline = _fp_baseline(rows)
     if baseline is not None:
         axes.axhline(baseline, linestyle="--", color="gray", label=f"fp ({baseline:.2f})")
@@ -117,6 +124,26 @@ def score_vs_bpw(model: str, task: str, rows: Sequence[dict[str, str]]) -> Figur
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=8)
     return figure
+
+
+def _label_points(axes, points: Sequence[Point]) -> None:
+    """Each point labelled with its config; labels of points that crowd one spot (close in bpw
+    and in score, on an axis at least MIN_BPW_SPAN wide) are stacked upwards, not overprinted."""
+    low, high = min(p.bpw for p in points), max(p.bpw for p in points)
+    if high - low < MIN_BPW_SPAN:
+        middle = (low + high) / 2
+        axes.set_xlim(middle - MIN_BPW_SPAN / 2 - 0.1, middle + MIN_BPW_SPAN / 2 + 0.1)
+        low, high = middle - MIN_BPW_SPAN / 2, middle + MIN_BPW_SPAN / 2
+    values = [p.value for p in points]
+    x_near, y_near = 0.04 * (high - low), 0.04 * ((max(values) - min(values)) or 1.0)
+    placed: list[Point] = []
+    for point in sorted(points, key=lambda p: (p.bpw, p.value)):
+        crowd = sum(abs(other.bpw - point.bpw) <= x_near and abs(other.value - point.value) <= y_near
+                    for other in placed)
+        axes.annotate(point.config, (point.bpw, point.value), textcoords="offset points",
+                      xytext=(4, 4 + LABEL_STEP * crowd), fontsize=7,
+                      arrowprops={"arrowstyle": "-", "color": "lightgray", "linewidth": 0.5} if crowd else None)
+        placed.append(point)
 
 
 def _single_bits(point: Point) -> int | None:
@@ -146,8 +173,11 @@ def component_heatmap(model: str, task: str, rows: Sequence[dict[str, str]], met
     grid = [[cells.get((component, bits), float("nan")) for bits in widths] for component in components]
     figure = _new_figure(max(5.0, 2.0 + 1.3 * len(widths)), 1.6 + 0.7 * len(components))
     axes = figure.add_subplot()
-    worst = max(abs(value) for value in cells.values()) or 1.0
-    image = axes.imshow(grid, cmap="RdYlGn", vmin=-worst, vmax=worst, aspect="auto")
+    # Fitted to the data: each side of zero spans its half of the colours, so cells of -0.5% and
+    # -3% differ visibly even when another cell lost 60%.
+    low, high = min(cells.values()), max(cells.values())
+    norm = TwoSlopeNorm(vcenter=0.0, vmin=min(low, -1e-3), vmax=max(high, 1e-3))
+    image = axes.imshow(grid, cmap="RdYlGn", norm=norm, aspect="auto")
     for i, component in enumerate(components):
         for j, bits in enumerate(widths):
             value = cells.get((component, bits))
@@ -172,19 +202,21 @@ def bpw_buckets(points: Sequence[Point]) -> list[list[Point]]:
 
 
 def methods_at_equal_bpw(groups: dict[tuple[str, str], list[dict[str, str]]]) -> Figure | None:
-    """Grouped bars: per (model, task, bpw bucket) holding two or more methods, the best change vs
-    FP each method reached there, signed so that up is better (a perplexity rise points down)."""
+    """Grouped bars: per (model, task, bpw bucket, activation bits) holding two or more methods, the
+    best change vs FP each method reached there, signed so that up is better (a perplexity rise
+    points down)."""
     bars: list[tuple[str, dict[str, float]]] = []
     for (model, task), rows in sorted(groups.items()):
         higher = parse_bool(rows[0].get("higher_is_better")) is not False
         for bucket in bpw_buckets([p for p in _points(rows) if p.rel_delta is not None]):
-            best: dict[str, float] = {}
-            for point in bucket:
-                # Signed so that up is better on every task, perplexity included.
-                gain = 100 * point.rel_delta * (1 if higher else -1)
-                best[point.method] = max(gain, best.get(point.method, gain))
-            if len(best) >= 2:
-                bars.append((f"{model}\n{task}\n≈{bucket[0].bpw:.2f} bpw", best))
+            for a_bits in sorted({p.a_bits for p in bucket}, reverse=True):
+                best: dict[str, float] = {}
+                for point in (p for p in bucket if p.a_bits == a_bits):
+                    # Signed so that up is better on every task, perplexity included.
+                    gain = 100 * point.rel_delta * (1 if higher else -1)
+                    best[point.method] = max(gain, best.get(point.method, gain))
+                if len(best) >= 2:
+                    bars.append((f"{model}\n{task}\n≈{bucket[0].bpw:.2f} bpw, A{a_bits}", best))
     if not bars:
         return None
     methods = sorted({method for _, best in bars for method in best})
@@ -199,7 +231,7 @@ def methods_at_equal_bpw(groups: dict[tuple[str, str], list[dict[str, str]]]) ->
     axes.axhline(0, color="black", linewidth=0.8)
     axes.set_xticks(range(len(bars)), [label for label, _ in bars], fontsize=7)
     axes.set_ylabel("change vs FP (%), up = better")
-    axes.set_title("methods at equal size (best config of each method per bpw bucket)")
+    axes.set_title("methods at equal size (best config of each method per bpw bucket and activation bits)")
     axes.legend(fontsize=8)
     return figure
 

@@ -49,6 +49,9 @@ class TaskDef:
     subset: Callable[[Sequence, int, int], Sequence] = seeded_subset
     # sample -> (question, answer) for a calibration pair; None: not a calibration source.
     calibration_pair: Callable[[Any], tuple[str, str]] | None = None
+    # Secondary metrics that say why the primary one moved (the share of replies that fail the
+    # answer format, their mean length): the report shows them beside the primary metric.
+    diagnostics: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = [kind for kind in self.requests if kind not in REQUEST_KINDS]

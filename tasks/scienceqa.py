@@ -151,7 +151,8 @@ def load_hf(dataset: str, split: str, revision: str | None = None,
 def evaluate(adapter: Any, samples: list[ScienceQASample], batch_size: int = 32,
              progress: bool = True) -> TaskResult:
     """Greedy option letters for every sample; accuracy (in %) overall, per subject, per
-    context type, and the share of replies naming no option (parse_failures, in %)."""
+    context type, the share of replies naming no option (parse_failures, in %: the answer format's
+    failures) and the replies' mean length in words (answer_words)."""
     logs: list[dict[str, Any]] = []
     by_subject: dict[str, list[bool]] = defaultdict(list)
     by_context: dict[str, list[bool]] = defaultdict(list)
@@ -169,7 +170,8 @@ def evaluate(adapter: Any, samples: list[ScienceQASample], batch_size: int = 32,
         raise DataError("scienceqa: no samples to evaluate")
     n = len(logs)
     metrics = {"accuracy": 100.0 * sum(entry["correct"] for entry in logs) / n,
-               "parse_failures": 100.0 * sum(entry["parsed"] is None for entry in logs) / n}
+               "parse_failures": 100.0 * sum(entry["parsed"] is None for entry in logs) / n,
+               "answer_words": sum(len(entry["prediction"].split()) for entry in logs) / n}
     metrics.update(percent_by_group(by_subject, "accuracy_"))
     metrics.update(percent_by_group(by_context, "accuracy_"))
     return TaskResult(metrics, PRIMARY_METRIC, True, n, logs)
@@ -178,4 +180,4 @@ def evaluate(adapter: Any, samples: list[ScienceQASample], batch_size: int = 32,
 TASK = register_task(TaskDef(
     name=NAME, folder="scienceqa", default_split="test", requests=("multiple_choice",),
     primary_metric=PRIMARY_METRIC, higher_is_better=True, load_official=load_official, load_hf=load_hf,
-    evaluate=evaluate, sample_id="pid", sample_score="correct"))
+    evaluate=evaluate, diagnostics=("parse_failures", "answer_words"), sample_id="pid", sample_score="correct"))

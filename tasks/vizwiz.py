@@ -23,7 +23,7 @@ from PIL import Image
 from tasks.base import (DataError, LazyImage, TaskResult, generate_replies, load_hf_rows, open_image, percent_by_group,
                         read_json, require)
 from tasks.registry import TaskDef, register_task
-from tasks.vqa_eval import normalize_answer, vqa_accuracy
+from tasks.vqa_eval import answer_format_metrics, normalize_answer, vqa_accuracy
 
 NAME = "vizwiz"
 PRIMARY_METRIC = "accuracy"
@@ -168,10 +168,11 @@ def evaluate(adapter: Any, samples: list[VizWizSample], batch_size: int = 32,
     metrics.update(percent_by_group(by_type, "accuracy_type_"))
     metrics.update(percent_by_group(by_answerable, "accuracy_"))
     metrics.update(_detection_metrics([entry["prediction"] for entry in logs], samples))
+    metrics.update(answer_format_metrics([e["prediction"] for e in logs], [e["answers"] for e in logs]))
     return TaskResult(metrics, PRIMARY_METRIC, True, len(logs), logs)
 
 
 TASK = register_task(TaskDef(
     name=NAME, folder="vizwiz", default_split="val", requests=("short_answer_or_unanswerable",),
     primary_metric=PRIMARY_METRIC, higher_is_better=True, load_official=load_official, load_hf=load_hf,
-    evaluate=evaluate, sample_id="image", sample_score="score"))
+    evaluate=evaluate, diagnostics=("format_failures", "answer_words"), sample_id="image", sample_score="score"))

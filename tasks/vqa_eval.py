@@ -209,3 +209,18 @@ def vqa_accuracy_batch(
         vqa_accuracy(p, a, always_normalize_prediction=always_normalize_prediction)
         for p, a in zip(predictions, answer_lists)
     ]
+
+
+def answer_format_metrics(predictions: Sequence[str], answer_lists: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Why a VQA score moved, beside it: `format_failures`, the share (in %) of predictions longer
+    in words (normalized) than the longest reference answer of the evaluated samples (a reply
+    that ran past the answer: "white of and a purple"), and `answer_words`, their mean length."""
+    def words(text: str) -> int:
+        return len(normalize_answer(text).split())
+
+    longest = max((words(answer) for answers in answer_lists for answer in answers), default=0)
+    lengths = [words(p) for p in predictions]
+    if not lengths:
+        return {}
+    return {"format_failures": 100.0 * sum(n > longest for n in lengths) / len(lengths),
+            "answer_words": sum(lengths) / len(lengths)}

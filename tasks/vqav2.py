@@ -18,7 +18,7 @@ from PIL import Image
 from tasks.base import (DataError, LazyImage, TaskResult, generate_replies, load_hf_rows, open_image, percent_by_group,
                         read_json, require)
 from tasks.registry import TaskDef, register_task
-from tasks.vqa_eval import vqa_accuracy
+from tasks.vqa_eval import answer_format_metrics, vqa_accuracy
 
 NAME = "vqav2"
 PRIMARY_METRIC = "accuracy"
@@ -101,12 +101,13 @@ def evaluate(adapter: Any, samples: list[VQASample], batch_size: int = 32,
     if not logs:
         raise DataError("vqav2: no samples to evaluate")
     scores = [entry["score"] for entry in logs]
-    metrics = {"accuracy": 100.0 * sum(scores) / len(scores), **percent_by_group(by_type, "accuracy_")}
+    metrics = {"accuracy": 100.0 * sum(scores) / len(scores), **percent_by_group(by_type, "accuracy_"),
+               **answer_format_metrics([e["prediction"] for e in logs], [e["answers"] for e in logs])}
     return TaskResult(metrics, PRIMARY_METRIC, True, len(logs), logs)
 
 
 TASK = register_task(TaskDef(
     name=NAME, folder="vqav2", default_split="val", requests=("short_answer",),
     primary_metric=PRIMARY_METRIC, higher_is_better=True, load_official=load_official, load_hf=load_hf,
-    evaluate=evaluate, sample_id="question_id", sample_score="score",
+    evaluate=evaluate, diagnostics=("format_failures", "answer_words"), sample_id="question_id", sample_score="score",
     calibration_pair=lambda sample: (sample.question, sample.multiple_choice_answer)))

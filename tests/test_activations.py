@@ -73,17 +73,17 @@ def test_calibrated_hook_quantizes_on_the_fitted_range():
             return self.inner(x)
 
     modules = {"0": model[0]}
-    ranges = activations.calibrate_ranges(Wrapper(), modules, [{"x": b} for b in batches], TENSOR_MINMAX)
+    ranges = activations.calibrate_ranges(Wrapper(), modules, [{"x": b} for b in batches], {"0": TENSOR_MINMAX})
     lo, hi = ranges["0"]
     assert lo.item() == min(b.min().item() for b in batches) and hi.item() == max(b.max().item() for b in batches)
-    handles = activations.attach(modules, 4, TENSOR_MINMAX, ranges)
+    handles = activations.attach(modules, 4, {"0": TENSOR_MINMAX}, ranges)
     x = torch.randn(2, 8) * 3
     expected = model[0].weight @ activations.quantize_static(x, lo, hi, 4).T
     assert torch.allclose(model(x), expected.T + model[0].bias, atol=1e-6)
     for handle in handles:
         handle.remove()
     with pytest.raises(ValueError, match="no calibrated range"):
-        activations.attach(modules, 4, TENSOR_MINMAX, {})
+        activations.attach(modules, 4, {"0": TENSOR_MINMAX}, {})
 
 
 @pytest.mark.parametrize("a_quant, message", [

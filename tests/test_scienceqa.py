@@ -147,7 +147,7 @@ def test_evaluate_counts_by_hand():
     result = scienceqa.evaluate(adapter, samples, batch_size=3, progress=False)
     assert adapter.batches == [3, 1]
     assert result.metrics == {
-        "accuracy": 50.0, "parse_failures": 25.0,
+        "accuracy": 50.0, "parse_failures": 25.0, "answer_words": (1 + 4 + 2 + 1) / 4,
         "accuracy_language_science": 0.0, "accuracy_natural_science": 50.0,
         "accuracy_social_science": 100.0,
         "accuracy_IMG": 100.0, "accuracy_IMG_TXT": 0.0}

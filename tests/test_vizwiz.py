@@ -140,7 +140,9 @@ def test_evaluate_by_hand():
                 "accuracy_type_yes_no": 90.0, "accuracy_answerable": 1.9 / 3 * 100,
                 "accuracy_unanswerable": 50.0,
                 # P = R = 1/2; AP = 1/2 * 1/2 + (1 - 1/2) * 2/5.
-                "unanswerable_f1": 50.0, "unanswerable_ap": 45.0}
+                "unanswerable_f1": 50.0, "unanswerable_ap": 45.0,
+                # every reply one word, as long as the longest reference: none fails the format
+                "format_failures": 0.0, "answer_words": 1.0}
     assert result.metrics.keys() == expected.keys()
     for key, value in expected.items():
         assert result.metrics[key] == pytest.approx(value), key

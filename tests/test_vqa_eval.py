@@ -126,3 +126,14 @@ def test_batch():
     assert got == pytest.approx([1.0, 0.0, 1.0])
     with pytest.raises(ValueError):
         vqa_accuracy_batch(["yes"], [])
+
+
+def test_answer_format_metrics_flag_replies_longer_than_every_reference():
+    from tasks.vqa_eval import answer_format_metrics
+    answers = [["red", "dark red"], ["two"], ["yes"]]
+    # "the dark red" normalizes to two words (article dropped): within the longest reference;
+    # "white of and a purple" runs past it (4 words after normalization).
+    found = answer_format_metrics(["the dark red", "white of and a purple", "yes"], answers)
+    assert found["format_failures"] == pytest.approx(100 / 3)
+    assert found["answer_words"] == pytest.approx((2 + 4 + 1) / 3)
+    assert answer_format_metrics([], []) == {}

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from quantizers.bpw import LayerRecord
-from quantizers.config import ConfigError, MethodParams
+from quantizers.config import ActivationQuant, ConfigError, MethodParams
 from quantizers.primitives import QuantizedTensor
 
 
@@ -65,6 +65,8 @@ class Method:
     # GPTQ 116 s, AWQ 51 s, RTN about 2 s). Only used to order and balance work across xdist
     # workers and shards, so a rough figure is enough.
     relative_cost: ClassVar[float] = 1.0
+    # How activations are quantized when a config sets a_bits and no a_quant (the authors' choice).
+    default_a_quant: ClassVar[ActivationQuant] = ActivationQuant()
 
     def quantize(self, adapter, targets: list, config, batches: list[dict] | None,
                  progress: bool = False) -> QuantOutput:

@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from quantizers import activations, qvlm
-from quantizers.config import ConfigError, MethodParams
+from quantizers.config import ActivationQuant, ConfigError, MethodParams
 from quantizers.methods import Method, QuantOutput, register_method
 from quantizers.methods.gptq import GPTQ, GPTQParams
 from quantizers.methods.rtn import RTN
@@ -48,6 +48,7 @@ from quantizers.primitives import fake_quantize
 from quantizers.walker import Block, BlockInput, Feed, Window, blocks_of, run_window, walk
 
 WEIGHT_ROUNDING = ("rtn", "gptq")
+OBJECTIVES = ("block", "answer")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,12 @@ class QVLMParams(MethodParams):
     p_max: float = 1.0                 # clipping percentiles searched: p_max down to p_min
     p_min: float = 0.98
     p_step: float = 0.005
+    # What the clipping search minimizes: "block" is the paper's block-output error, every real
+    # token alike; "answer" gives the calibration answer's tokens (and the one before them, which
+    # predicts the first) `answer_share` of it, so the search cannot buy error on the ~30 image and
+    # prompt tokens with the few tokens that decide what is generated and when it stops.
+    objective: str = "answer"
+    answer_share: float = 0.5
     encoder_samples: int = 64          # (d): calibration pairs, batch size, epochs, learning rate
     encoder_batch: int = 8
     encoder_epochs: int = 10
@@ -84,14 +91,19 @@ class QVLM(Method):
     Params = QVLMParams
     calibrates = True
     relative_cost = 1.5
+    # The quantizers of the authors' code (quantizers/activations.py, "official"); the paper's
+    # per-tensor ranges stay an option (a_quant: {granularity: tensor}).
+    default_a_quant = ActivationQuant("official")
 
     def quantize(self, adapter, targets, config, batches, progress=False) -> QuantOutput:
         params: QVLMParams = config.params
         if params.weights not in WEIGHT_ROUNDING:
             raise ConfigError(f"config {config.name!r}: params.weights must be one of {', '.join(WEIGHT_ROUNDING)}")
+        if params.objective not in OBJECTIVES:
+            raise ConfigError(f"config {config.name!r}: params.objective must be one of {', '.join(OBJECTIVES)}")
         if not (config.quantizes_activations and config.a_quant.static):
             raise ConfigError(f"config {config.name!r}: qvlm searches static activation ranges: set a_bits "
-                              "and a_quant.granularity tensor or channel")
+                              "and a static a_quant.granularity (official, the default, or tensor, channel, position)")
         device = next(adapter.model.parameters()).device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -102,12 +114,12 @@ class QVLM(Method):
             details["encoder"] = optimize_encoder(adapter, vision, batches, config)
         details["encoder_seconds"] = round(time.perf_counter() - started, 3)
         search_started = time.perf_counter()
-        search = _BlockSearch(config)
+        search = _BlockSearch(config, activations.plan(targets, config.a_quant, adapter.layout))
         try:
-            # The attention masks travel with the batches: padding never steers a range or an error.
-            masks = [batch["attention_mask"] for batch in batches] if "attention_mask" in batches[0] else None
+            # Token weights travel with the batches: padding never steers a range or an error.
             results = walk(adapter, targets, batches, search.quantize_window, progress,
-                           partition=search.partition if params.dependency else None, token_weights=masks)
+                           partition=search.partition if params.dependency else None,
+                           token_weights=objective_weights(batches, params))
         finally:
             search.remove_hooks()
         details["search_seconds"] = round(time.perf_counter() - search_started, 3)
@@ -118,12 +130,34 @@ class QVLM(Method):
         return out
 
 
+def objective_weights(batches: list[dict], params: QVLMParams) -> list[torch.Tensor] | None:
+    """Per-token weights of the search's error, one (batch, tokens) tensor per batch: 0 on padding,
+    1 on real tokens; with objective "answer", the answer span scaled so that it carries
+    answer_share of each sequence's weight."""
+    if "attention_mask" not in batches[0]:
+        return None
+    weights = []
+    for batch in batches:
+        real = batch["attention_mask"].float()
+        answer = getattr(batch, "answer_mask", None)
+        if params.objective == "answer" and answer is not None:
+            answer = answer.float() * real
+            n_answer, n_other = answer.sum(dim=1, keepdim=True), (real - answer).sum(dim=1, keepdim=True)
+            scale = torch.where(n_answer > 0, params.answer_share / (1 - params.answer_share)
+                                * n_other / n_answer.clamp_min(1), torch.ones_like(n_answer))
+            real = real - answer + answer * scale
+        weights.append(real)
+    return weights
+
+
 class _BlockSearch:
     """(a)-(c) over the walker: the partition callback and the per-window search."""
 
-    def __init__(self, config):
+    def __init__(self, config, specs: dict[str, activations.ActivationQuant]):
         self.config = config
         self.params: QVLMParams = config.params
+        self.specs = specs                 # each target's concrete activation quantizer
+        self.tokens = activations.TokenMask()
         self.blocks: dict[str, dict] = {}
         self._handles: list = []
 
@@ -149,37 +183,44 @@ class _BlockSearch:
 
     # (c), after the window's weights are rounded
     def quantize_window(self, window: Window, feed: Feed) -> QuantOutput:
+        # channel_dynamic quantizers take their ranges from the real tokens of the language
+        # model's sequences: the window's token weights say which (the walker runs blocks alone).
+        def each(item):
+            self.tokens.set(item.token_weights if window.component == "language" else None)
+
         with torch.no_grad():
-            reference = [out.detach() for out in feed.run()]
+            reference = [out.detach() for out in feed.run(each)]
         out = self._round_weights(window, feed)
-        if not self.params.dependency:
+        specs = {t.name: self.specs[t.name] for t in window.targets}
+        modules = {t.name: t.module for t in window.targets}
+        searched = [t for t in window.targets if specs[t.name].static]
+        if not self.params.dependency or not searched:
+            if self.params.dependency:   # only dynamic quantizers here: nothing to search, keep them on
+                self._handles += activations.attach(modules, self.config.a_bits, specs, {}, self.tokens)
             return out
-        spec = self.config.a_quant
         candidates = qvlm.clip_candidates(self.params.p_max, self.params.p_min, self.params.p_step)
-        # p = 1 is plain min-max (the extremes over all batches: the baseline's own ranges).
-        clip_at = {p: dataclasses.replace(spec, clip="minmax" if p >= 1.0 else "percentile", percentile=p)
-                   for p in candidates}
-        seen: dict[str, dict[float, list]] = {t.name: {p: [] for p in candidates} for t in window.targets}
+        seen: dict[str, dict[float, list]] = {t.name: {p: [] for p in candidates} for t in searched}
 
         def observe(group, x, token_weights):
-            if token_weights is not None:   # real tokens only
+            spec = specs[group[0].name]
+            if token_weights is not None and spec.granularity != "position":   # real tokens only
                 x = x.reshape(-1, x.shape[-1])[token_weights.reshape(-1) > 0]
-            # clip_at differs only in the clipping point, so one call serves every candidate.
-            by_p = activations.observed_ranges(x, clip_at[candidates[-1]], candidates)
+            # the candidates differ only in the clipping point: one call serves every one of them
+            by_p = activations.observed_ranges(x, _clipped_at(spec, candidates[-1]), candidates)
             for p in candidates:
                 for target in group:
                     seen[target.name][p].append(by_p[p])
 
-        feed.gather(window.targets, observe)
-        modules = {t.name: t.module for t in window.targets}
+        feed.gather(searched, observe)
         errors, chosen = {}, None
         for p in candidates:
-            ranges = {name: activations.combine_ranges(by_p[p], clip_at[p]) for name, by_p in seen.items()}
-            handles = activations.attach(modules, self.config.a_bits, spec, ranges)
+            ranges = {name: activations.combine_ranges(by_p[p], _clipped_at(specs[name], p))
+                      for name, by_p in seen.items()}
+            handles = activations.attach(modules, self.config.a_bits, specs, ranges, self.tokens)
             try:
                 with torch.no_grad():
-                    outputs = feed.run()
-                    errors[p] = sum(_masked_mse(o, r, item.token_weights)
+                    outputs = feed.run(each)
+                    errors[p] = sum(_weighted_mse(o, r, item.token_weights)
                                     for o, r, item in zip(outputs, reference, feed.inputs))
             finally:
                 for handle in handles:
@@ -188,7 +229,7 @@ class _BlockSearch:
                 chosen = (p, ranges)
         best, ranges = chosen
         # Kept on the model while the walk goes on: later blocks see quantized activations.
-        self._handles += activations.attach(modules, self.config.a_bits, spec, ranges)
+        self._handles += activations.attach(modules, self.config.a_bits, specs, ranges, self.tokens)
         out.activation_ranges.update(ranges)
         first = window.blocks[0].name
         out.details[first] = {"layers": len(window.blocks), "percentile": best,
@@ -208,12 +249,18 @@ class _BlockSearch:
         self._handles.clear()
 
 
-def _masked_mse(output: torch.Tensor, reference: torch.Tensor, token_weights: torch.Tensor | None) -> float:
-    """Mean squared error over the real tokens (all positions when no mask matches the shape)."""
-    error = (output.float() - reference.float()) ** 2
-    if token_weights is not None and tuple(token_weights.shape) == tuple(error.shape[:-1]):
-        keep = token_weights.reshape(-1) > 0
-        return error.reshape(-1, error.shape[-1])[keep].mean().item()
+def _clipped_at(spec: activations.ActivationQuant, p: float) -> activations.ActivationQuant:
+    """spec clipping at percentile p; p = 1 is plain min-max (the baseline's own ranges)."""
+    return dataclasses.replace(spec, clip="minmax" if p >= 1.0 else "percentile", percentile=p)
+
+
+def _weighted_mse(output: torch.Tensor, reference: torch.Tensor, token_weights: torch.Tensor | None) -> float:
+    """Squared error per token (mean over channels), averaged with the token weights (all tokens
+    alike when no weights match the shape)."""
+    error = ((output.float() - reference.float()) ** 2).mean(dim=-1)
+    if token_weights is not None and tuple(token_weights.shape) == tuple(error.shape):
+        weights = token_weights.to(error.device).float()
+        return ((error * weights).sum() / weights.sum().clamp_min(1e-12)).item()
     return error.mean().item()
 
 
