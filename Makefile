@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch/torchvision pinned to the releases this project's machines carry on local disk.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: bench test sensitivity setup crosscheck clean
+.PHONY: bench test sensitivity qvlm setup crosscheck clean
 
 # Stop before pip when the disk cannot hold the venv: pip's own "No space left on device"
 # comes halfway through an install. $(1) is the venv's size in GB (torch 2.14.1 is a CUDA build).
@@ -38,6 +38,10 @@ test: setup
 
 sensitivity: setup
 	$(PY) -m pytest --grid benchmarks/grids/sensitivity.yaml
+
+# The Q-VLM tables from this tree: both Q-VLM grids, then benchmarks/results/qvlm.md and CSVs.
+qvlm: setup
+	PY=$(PY) bash benchmarks/results/qvlm.sh
 
 # Our GPTQ/AWQ against llm-compressor (benchmarks/crosscheck/README.md). llm-compressor pins an
 # older torch and transformers than the suite, so it gets a venv of its own. torchvision goes:

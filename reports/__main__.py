@@ -92,6 +92,18 @@ def _build_parser() -> argparse.ArgumentParser:
         help="columns to show, in this order (default: every width found, descending)",
     )
 
+    configs = commands.add_parser(
+        "configs",
+        help="print markdown tables by config: a row per config, a column per task",
+        description=(
+            "Print one markdown table per model: a row per config (unquantized first, then by weight bits), a column per "
+            "task with the primary metric and the task's answer-format failure rate in brackets, "
+            "and the config's quantization seconds."
+        ),
+    )
+    configs.add_argument("results", metavar="RESULTS.csv", help="merged results file")
+    configs.add_argument("--title", default="", help="a line printed above the tables")
+
     html = commands.add_parser(
         "html",
         help="write one self-contained HTML report page of a run",
@@ -163,6 +175,11 @@ def _run(args: argparse.Namespace) -> int:
         from reports.summary import format_summary
 
         print(format_summary(read_rows(args.results)))
+        return EXIT_OK
+    if args.command == "configs":
+        from reports.config_table import format_config_tables
+
+        print(format_config_tables(read_rows(args.results), args.title))
         return EXIT_OK
     if args.command == "table":
         from reports.pivot import format_tables
