@@ -151,3 +151,84 @@ def test_sorted_ranks_equal_kthvalue_at_every_candidate(granularity):
     for p in candidates:
         assert all(torch.equal(a, b) for a, b in zip(by_sort[p], by_select[p])), p
         assert all(torch.equal(a, b) for a, b in zip(by_select[p], activations.observed_range(x, spec, p)))
+
+
+# -- issue 18: the authors' quantizers -----------------------------------------------------------
+def _hooked(spec, value_range=None, tokens=None):
+    quantizer = activations.ActivationQuantizer(4, spec, value_range, tokens)
+    return lambda x: quantizer(None, (x,))[0]
+
+
+def test_official_resolves_per_role_from_the_layout():
+    from fixtures.adapters import layouts
+    official = ActivationQuant("official")
+    role = lambda component, name, layout=None: activations.resolve(official, component, name, layout).granularity
+    assert role("language", "model.language_model.layers.0.self_attn.q_proj", layouts.LLAMA) == "channel"
+    assert role("language", "model.language_model.layers.0.mlp.up_proj", layouts.LLAMA) == "channel"
+    assert role("language", "model.language_model.layers.0.self_attn.o_proj", layouts.LLAMA) == "channel_dynamic"
+    assert role("language", "model.language_model.layers.0.mlp.down_proj", layouts.LLAMA) == "channel_dynamic"
+    assert role("language", "language_model.model.decoder.layers.0.fc2", layouts.OPT) == "channel_dynamic"
+    assert role("language", "x.layers.3.mlp.down_proj") == "channel_dynamic"     # no layout: by name
+    assert role("vision", "model.vision_tower.encoder.layers.0.mlp.fc1", layouts.CLIP) == "position"
+    assert role("connector", "model.multi_modal_projector.linear_2", layouts.PLAIN) == "channel"
+    assert activations.resolve(TENSOR_MINMAX, "vision", "anything") is TENSOR_MINMAX
+    assert official.decode == "widen" and TENSOR_MINMAX.decode == "clip"
+
+
+def test_decode_tokens_are_never_clipped_when_widened():
+    lo, hi = torch.tensor([-1.0, -1.0]), torch.tensor([1.0, 1.0])
+    token = torch.tensor([[[5.0, 0.5]]])                       # a decode step: one token, out of range
+    clipped = _hooked(ActivationQuant("channel", decode="clip"), (lo, hi))(token)
+    widened = _hooked(ActivationQuant("channel", decode="widen"), (lo, hi))(token)
+    # clipped: the top of [-1, 1] (within a step of 2/15); widened: 5 on the grid of [-1, 5]
+    # (step 0.4), off by at most half a step, as any unclipped value
+    assert abs(clipped[0, 0, 0] - 1.0) <= 2 / 15 and abs(widened[0, 0, 0] - 5.0) <= 0.2 + 1e-6
+    # a prefill (several tokens) is quantized on the static range either way
+    prefill = torch.tensor([[[5.0, 0.5], [0.0, 0.0]]])
+    assert _hooked(ActivationQuant("channel", decode="widen"), (lo, hi))(prefill)[0, 0, 0] <= 1.0 + 2 / 15
+
+
+def test_channel_dynamic_ranges_skip_padding_and_do_not_depend_on_the_batch():
+    spec = ActivationQuant("channel_dynamic")
+    tokens = activations.TokenMask()
+    generator = torch.Generator().manual_seed(0)
+    alone = torch.randn(1, 3, 4, generator=generator)
+    padding = torch.full((1, 2, 4), 100.0)                     # huge values on the pad positions
+    batch = torch.cat([torch.cat([padding, alone], dim=1), torch.randn(1, 5, 4, generator=generator)])
+    tokens.set(torch.tensor([[1, 1, 1]]))
+    one = _hooked(spec, tokens=tokens)(alone)
+    tokens.set(torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]))
+    both = _hooked(spec, tokens=tokens)(batch)
+    assert torch.equal(both[0, 2:], one[0])
+    # the range is each channel's own over the real tokens (and zero): every value within half a
+    # step of that grid (the pad values of 100 would have made the step about 7)
+    step = (alone[0].amax(dim=0).clamp(min=0) - alone[0].amin(dim=0).clamp(max=0)) / 15
+    assert ((one[0] - alone[0]).abs() <= step / 2 + 1e-6).all()
+
+
+def test_channel_dynamic_decode_reuses_the_prefill_range_widened_by_the_token():
+    quantizer = activations.ActivationQuantizer(2, ActivationQuant("channel_dynamic", decode="widen"))
+    prefill = torch.tensor([[[0.0, 0.0], [3.0, 3.0]]])          # range [0, 3] per channel, step 1
+    quantizer(None, (prefill,))
+    out = quantizer(None, (torch.tensor([[[1.4, 6.0]]]),))[0]  # 1.4 on the prefill grid; 6 widens it
+    assert out[0, 0, 0] == 1.0 and out[0, 0, 1] == 6.0
+
+
+def test_position_ranges_hold_one_range_per_token_position():
+    x = torch.tensor([[[1.0, -1.0], [10.0, 0.0]], [[2.0, 0.0], [20.0, -5.0]]])   # (batch 2, positions 2, channels 2)
+    spec = ActivationQuant("position")
+    lo, hi = activations.observed_range(x, spec)
+    assert lo.tolist() == [-1.0, -5.0] and hi.tolist() == [2.0, 20.0]
+    out = _hooked(spec, (lo, hi))(x)
+    assert out.shape == x.shape and out[1, 1, 0] == 20.0       # position 1's own range holds 20
+    with pytest.raises(RuntimeError, match="positions"):
+        _hooked(spec, (lo, hi))(x[:, :1])
+
+
+def test_a_quant_parse_checks_the_decode_rule_and_types():
+    assert ActivationQuant.parse({"granularity": "official"}, "x").decode == "widen"
+    assert ActivationQuant.parse({"granularity": "position", "clip": "percentile"}, "x").static
+    for bad in ({"decode": "maybe"}, {"granularity": "channel_dynamic", "clip": "percentile"},
+                {"sym": "yes"}, {"granularity": 4}):
+        with pytest.raises(ConfigError):
+            ActivationQuant.parse(bad, "x")

@@ -166,3 +166,34 @@ def test_headless_chromium_renders_the_page_with_its_plots(tmp_path):
     # Text and tables alone use a handful of greys; rendered plots add many colours.
     colours = image.getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 500
+
+
+def _wa_rows() -> list[dict]:
+    """W4A16 and W4A4 configs at nearly one bpw, each with its format-failure diagnostic row."""
+    def row(config, method, a_bits, value, failures, a_quant=""):
+        base = dict(run_id="r", commit="abc1234", device="cpu", model="llava-tiny", task="vqav2", config=config,
+                    config_hash=f"h-{config}", method=method, components="connector+language+vision",
+                    w_bits="connector=4,language=4,vision=4", a_bits=a_bits, a_quant=a_quant, bpw=7.37,
+                    fp_value=95.0, n_samples=500, test_id=f"t[{config}]", timestamp="2026-01-01T00:00:00+00:00")
+        return [make_row(**base, value=value, delta=value - 95, rel_delta=(value - 95) / 95),
+                make_row(**base, metric="format_failures", primary=False, value=failures)]
+    return [make_row(run_id="r", model="llava-tiny", task="vqav2", config="fp16", method="fp", bpw=16.0, value=95.0,
+                     fp_value=95.0, w_bits="", test_id="t[fp16]"),
+            *row("awq-w4", "awq", 16, 93.0, 0.0), *row("qvlm-w4a4", "qvlm", 4, 89.9, 2.5, "a4-official-minmax-asym-widen"),
+            *row("minmax-w4a4", "rtn", 4, 90.4, 0.4, "a4-official-minmax-asym-widen")]
+
+
+def test_tables_show_the_activation_setting_and_the_tasks_diagnostics(tmp_path):
+    PartWriter(tmp_path / "run" / "results.csv").write_rows(_wa_rows())
+    page = parse(write_report(tmp_path / "run"))
+    assert "a_quant" in page.headers and "format_failures" in page.headers and "answer_words" in page.headers
+    assert "a4-official-minmax-asym-widen" in page.text and "2.50" in page.text
+
+
+def test_equal_size_bars_never_pool_activation_bits():
+    from reports.plots import methods_at_equal_bpw
+    figure = methods_at_equal_bpw({("llava-tiny", "vqav2"): [r for r in _wa_rows() if r.get("primary", True)]})
+    labels = [label.get_text() for label in figure.axes[0].get_xticklabels()]
+    # W4A4 has two methods (qvlm, rtn): one group; W4A16 holds AWQ alone: no group, so AWQ never
+    # stands beside W4A4 rows as an equal
+    assert labels == ["llava-tiny\nvqav2\n≈7.37 bpw, A4"]
