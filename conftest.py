@@ -23,6 +23,7 @@ from fixtures.runtime.session import CaseResult, Session  # noqa: E402
 from fixtures.runtime.shard import Shard, in_shard, parse_shard  # noqa: E402
 from quantizers.config import ACTIVATION_BITS, COMPONENT_NAMES, MAX_BITS, MIN_BITS  # noqa: E402
 from quantizers.methods import all_methods  # noqa: E402
+from quantizers.weighting import WEIGHTINGS  # noqa: E402
 from reports.rundir import RunDir, RunDirError  # noqa: E402
 from reports.summary import format_summary  # noqa: E402
 from tasks.base import DataError, DataMissing  # noqa: E402
@@ -100,6 +101,8 @@ def _register_marks(config: pytest.Config, grid: Grid) -> None:
     marks.update({f"w{b}": f"a component quantized to {b}-bit weights" for b in range(MIN_BITS, MAX_BITS + 1)})
     marks.update({f"a{b}": f"{b}-bit activations" for b in ACTIVATION_BITS})
     marks.update({name: f"method {name}" for name in all_methods()})
+    marks.update({name: f"calibration tokens weighted by {name} (AWQ/GPTQ params.weighting)"
+                  for name in WEIGHTINGS if name != "uniform"})
     marks.update({name: f"the {name} component is quantized" for name in COMPONENT_NAMES})
     marks.update({name: f"task {name}" for name in all_tasks()})
     marks.update({name: f"model {name} from the grid" for name in grid.models})

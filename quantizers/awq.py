@@ -60,10 +60,14 @@ def _scaled_rtn(weight: Tensor, scales: Tensor, bits: int, group_size: int,
 
 
 def _candidate_errors(x: Tensor, weight: Tensor, scales: list[Tensor], *, bits: int,
-                      group_size: int, sym: bool) -> list[float]:
+                      group_size: int, sym: bool, row_weights: Tensor | None = None) -> list[float]:
     """mean((x Q(W*s)^T/s - x W^T)^2) for each candidate scale s; the bias cancels. As the
     one-candidate loop did it: per row chunk a float32 sum of squares, the chunks added as
-    Python floats; x W^T is computed once, not once per candidate, and the host waits once."""
+    Python floats; x W^T is computed once, not once per candidate, and the host waits once.
+    With row_weights (QIG's token weights), each row's squared error counts by its weight."""
+    if row_weights is not None:
+        return _weighted_candidate_errors(x, weight, scales, bits=bits, group_size=group_size, sym=sym,
+                                          row_weights=row_weights)
     out, cols = weight.shape
     chunks = [x[start:start + _ROW_CHUNK] for start in range(0, x.shape[0], _ROW_CHUNK)]
     references = [chunk @ weight.T for chunk in chunks]
@@ -84,9 +88,24 @@ def _candidate_errors(x: Tensor, weight: Tensor, scales: list[Tensor], *, bits: 
     return errors
 
 
+def _weighted_candidate_errors(x: Tensor, weight: Tensor, scales: list[Tensor], *, bits: int, group_size: int,
+                               sym: bool, row_weights: Tensor) -> list[float]:
+    """sum_r w_r |x_r Q(W*s)^T/s - x_r W^T|^2 / (sum_r w_r * out) for each candidate scale s."""
+    out = weight.shape[0]
+    w = row_weights.to(x.device, torch.float32)
+    reference = x @ weight.T
+    per_batch = max(1, _search_budget(weight.device) // weight.numel())
+    errors = []
+    for first in range(0, len(scales), per_batch):
+        for weight_q in _scaled_rtn(weight, torch.stack(scales[first:first + per_batch]), bits, group_size, sym):
+            errors.append((((x @ weight_q.T - reference) ** 2).sum(dim=1) * w).sum())
+    total = w.sum().clamp_min(1e-30) * out
+    return [(e / total).item() for e in errors]
+
+
 @torch.no_grad()
 def search_scale(x: Tensor, linears: Sequence[nn.Linear], *, bits: int, group_size: int, sym: bool,
-                 n_grid: int = 20) -> tuple[Tensor, float, float]:
+                 n_grid: int = 20, row_weights: Tensor | None = None) -> tuple[Tensor, float, float]:
     """Grid-search the per-input-channel AWQ scale for Linears sharing the input x (rows, in).
 
     Returns (scales, best_alpha, best_error). The error is the sum over the group's Linears of
@@ -102,7 +121,8 @@ def search_scale(x: Tensor, linears: Sequence[nn.Linear], *, bits: int, group_si
     scales = [_candidate_scale(act_mean, alpha) for alpha in alphas]
     errors = [0] * n_grid   # summed over the Linears in order, as sum() would
     for w in weights:
-        per_candidate = _candidate_errors(x, w, scales, bits=bits, group_size=group_size, sym=sym)
+        per_candidate = _candidate_errors(x, w, scales, bits=bits, group_size=group_size, sym=sym,
+                                          row_weights=row_weights)
         errors = [total + error for total, error in zip(errors, per_candidate)]
     best = (torch.ones_like(act_mean), 0.0, float("inf"))
     for s, alpha, error in zip(scales, alphas, errors):

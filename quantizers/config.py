@@ -37,6 +37,10 @@ class MethodParams:
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def marks(self) -> tuple[str, ...]:
+        """pytest marks the parameters add to a config's (a token weighting: `qig`)."""
+        return ()
+
     @classmethod
     def parse(cls, raw: Mapping[str, Any] | None, where: str) -> "MethodParams":
         raw = dict(raw or {})

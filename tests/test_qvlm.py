@@ -10,7 +10,7 @@ import torch
 from fixtures.world.generate import ensure_world
 from quantizers import api, qvlm
 from quantizers.config import ActivationQuant, ConfigError, make_config
-from quantizers.methods.qvlm import optimize_encoder
+from quantizers.methods.qvlm import QVLM, optimize_encoder
 from quantizers.targets import select_targets
 from tasks import vqav2
 from tests.test_methods import MODEL, bench, case_for, params  # noqa: F401  (bench is a fixture)
@@ -198,7 +198,7 @@ def test_qvlm_defaults_to_the_authors_quantizers_and_checks_its_objective():
     assert config.a_quant == ActivationQuant("official") and config.a_quant.decode == "widen"
     assert make_config("r", "rtn", {"language": 4}, a_bits=4).a_quant == ActivationQuant()   # per token
     with pytest.raises(ConfigError, match="objective"):
-        api.quantize(None, make_config("q", "qvlm", {"language": 4}, a_bits=4, params={"objective": "bleu"}), [{}])
+        QVLM().quantize(None, [], make_config("q", "qvlm", {"language": 4}, a_bits=4, params={"objective": "bleu"}), [{}])
 
 
 def test_objective_weights_give_the_answer_span_its_share():

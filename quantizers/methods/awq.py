@@ -10,19 +10,19 @@ import torch
 from torch import nn
 
 from quantizers import awq
-from quantizers.config import MethodParams
 from quantizers.folds import norm_linear_pairs
 from quantizers.methods import Method, QuantOutput, register_method
 from quantizers.primitives import fake_quantize
 from quantizers.targets import Target
 from quantizers.walker import Block, Feed, Window, walk
+from quantizers.weighting import TokenWeighting, WeightedParams, weighted
 
 # Rows of calibration activations kept per Linear for AWQ's searches (a seeded subsample).
 AWQ_MAX_ROWS = 4096
 
 
 @dataclass(frozen=True)
-class AWQParams(MethodParams):
+class AWQParams(WeightedParams):
     n_grid: int = 20      # candidates of the scale exponent alpha and of the clip ratio
     clip: bool = True     # the clip search after scaling
     seed: int = 0         # the row subsample
@@ -36,12 +36,20 @@ class AWQ(Method):
     relative_cost = 0.45
 
     def quantize(self, adapter, targets, config, batches, progress=False) -> QuantOutput:
-        return QuantOutput.merge(walk(adapter, targets, batches,
-                                      lambda window, feed: self.quantize_window(window, feed, config), progress))
+        weighting = TokenWeighting(adapter, targets, batches, config)
+        out = QuantOutput.merge(walk(adapter, targets, batches,
+                                     lambda window, feed: self.quantize_window(window, feed, config, weighting),
+                                     progress))
+        if weighting.details:
+            out.details["weighting"] = weighting.details
+        return out
 
-    def quantize_window(self, window: Window, feed: Feed, config) -> QuantOutput:
+    def quantize_window(self, window: Window, feed: Feed, config, weighting: TokenWeighting | None = None) -> QuantOutput:
+        """One window; with a weighting, the scale search's error weighs each token by it."""
         params: AWQParams = config.params
-        inputs = _gather_rows(window.targets, feed, params.seed)
+        if weighting is not None:
+            feed = weighted(feed, weighting.weights_for(window, feed))
+        inputs, row_weights = _gather_rows(window.targets, feed, params.seed)
         out = QuantOutput()
         # 1) Search and apply every scale on the FP weights first; a producer Linear (v_proj,
         #    up_proj) must be rescaled before it is itself rounded.
@@ -51,7 +59,8 @@ class AWQ(Method):
                 x = inputs[members[0].name]
                 linears = [t.module for t in members]
                 s, alpha, _ = awq.search_scale(x, linears, bits=members[0].bits, group_size=config.group_size,
-                                               sym=config.sym, n_grid=params.n_grid)
+                                               sym=config.sym, n_grid=params.n_grid,
+                                               row_weights=row_weights.get(members[0].name))
                 if alpha == 0:   # s = 1: nothing to fold, and no explicit scale to pay 16 bits/channel for
                     continue
                 if fold_target is not None:
@@ -95,28 +104,40 @@ class AWQ(Method):
             module.register_forward_pre_hook(awq.ExplicitInputScale())
 
 
-def _gather_rows(targets: list[Target], feed: Feed, seed: int) -> dict[str, torch.Tensor]:
+def _gather_rows(targets: list[Target], feed: Feed, seed: int) -> tuple[dict[str, torch.Tensor],
+                                                                           dict[str, torch.Tensor]]:
     """Each target's calibration input rows (float32), a seeded subsample of AWQ_MAX_ROWS when
-    there are more. Targets reading one input share its rows; the subsample is still drawn per
-    target, in target order, from one generator."""
+    there are more, and the same rows' token weights where the feed carries them. Targets reading
+    one input share its rows; the subsample is still drawn per target, in target order, from one
+    generator."""
     parts: dict[str, list[torch.Tensor]] = {}
+    weight_parts: dict[str, list[torch.Tensor]] = {}
     group_of: dict[str, str] = {}
 
     def keep(group, x, token_weights):
         key = group[0].name
         parts.setdefault(key, []).append(x.detach().reshape(-1, x.shape[-1]).float())
+        if token_weights is not None:
+            weight_parts.setdefault(key, []).append(token_weights.detach().reshape(-1).float())
         group_of.update({t.name: key for t in group})
 
     feed.gather(targets, keep)
     joined = {key: torch.cat(rows) for key, rows in parts.items()}
+    joined_weights = {key: torch.cat(rows) for key, rows in weight_parts.items()
+                      if sum(r.numel() for r in rows) == joined[key].shape[0]}
     generator = torch.Generator().manual_seed(seed)
-    gathered = {}
+    gathered, weights = {}, {}
     for target in targets:
-        x = joined[group_of[target.name]]
+        key = group_of[target.name]
+        x, w = joined[key], joined_weights.get(key)
         if x.shape[0] > AWQ_MAX_ROWS:
-            x = x[torch.randperm(x.shape[0], generator=generator)[:AWQ_MAX_ROWS].to(x.device)]
+            keep_rows = torch.randperm(x.shape[0], generator=generator)[:AWQ_MAX_ROWS]
+            x = x[keep_rows.to(x.device)]
+            w = None if w is None else w[keep_rows.to(w.device)]
         gathered[target.name] = x
-    return gathered
+        if w is not None:
+            weights[target.name] = w
+    return gathered, weights
 
 
 def _scale_groups(block: Block, layout) -> list[tuple[list[Target], object]]:

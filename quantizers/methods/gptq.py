@@ -7,15 +7,15 @@ from dataclasses import dataclass
 
 import torch
 
-from quantizers.config import MethodParams
 from quantizers.gptq import HessianAccumulator, gptq_quantize_full, gptq_quantize_stacked
 from quantizers.methods import Method, QuantOutput, register_method
 from quantizers.primitives import QuantizedTensor
 from quantizers.walker import Feed, Window, walk
+from quantizers.weighting import TokenWeighting, WeightedParams, weighted
 
 
 @dataclass(frozen=True)
-class GPTQParams(MethodParams):
+class GPTQParams(WeightedParams):
     act_order: bool = False       # columns in decreasing Hessian diagonal order
     static_groups: bool = False   # with act_order: group parameters from the original column order
     damp: float = 0.01            # relative to mean(diag H); raised 10x on a failed Cholesky
@@ -29,12 +29,19 @@ class GPTQ(Method):
     calibrates = True
 
     def quantize(self, adapter, targets, config, batches, progress=False) -> QuantOutput:
-        results = walk(adapter, targets, batches, lambda window, feed: self.quantize_window(window, feed, config),
-                       progress)
-        return QuantOutput.merge(results)
+        weighting = TokenWeighting(adapter, targets, batches, config)
+        results = walk(adapter, targets, batches,
+                       lambda window, feed: self.quantize_window(window, feed, config, weighting), progress)
+        out = QuantOutput.merge(results)
+        if weighting.details:
+            out.details["weighting"] = weighting.details
+        return out
 
-    def quantize_window(self, window: Window, feed: Feed, config) -> QuantOutput:
+    def quantize_window(self, window: Window, feed: Feed, config, weighting: TokenWeighting | None = None) -> QuantOutput:
+        """One window; with a weighting, the Hessian is X^T diag(lambda) X over its token weights."""
         params: GPTQParams = config.params
+        if weighting is not None:
+            feed = weighted(feed, weighting.weights_for(window, feed))
         groups: dict[str, tuple[list, HessianAccumulator]] = {}
 
         def accumulate(group, x, token_weights):

@@ -1,0 +1,156 @@
+"""Token weightings of calibration (issue 19): how much each calibration token counts in AWQ's
+scale search and GPTQ's Hessian (X^T diag(lambda) X). A parameter both methods accept:
+
+- `uniform` (default): every token alike: no weights at all, so AWQ and GPTQ give their
+  unweighted results bit for bit (tests/test_qig.py);
+- `qig`: QIG's per-token scores (quantizers/qig.py): integrated gradients, per block, of the
+  per-token output difference between the block with its FP weights and the block with its
+  weights rounded (RTN at the config's bits), from a baseline to the block's FP input; the
+  baseline is the block's input propagated through the already-quantized blocks (`ig_baseline:
+  quantized`, the paper's) or zero (`zero`, the authors' code's); IQR clipping switchable;
+- `modality`: MBQ-style, one weight per modality and sample (the qig scores' mean over the image
+  tokens and over the text tokens), so the two rows differ only in granularity.
+
+The FP input of each block comes from a second stream kept beside the walker's: the first block's
+inputs caught on the FP model before anything is quantized, then each window's FP outputs,
+computed before the window is rounded. One weight vector per block serves every equalization
+group in it (the authors' code computes one per inspected sub-module: attention, MLP).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from quantizers import qig
+from quantizers.config import ConfigError, MethodParams
+from quantizers.primitives import fake_quantize
+from quantizers.walker import BlockInput, Feed, Window, blocks_of, catch_inputs, run_window
+
+WEIGHTINGS = ("uniform", "modality", "qig")
+IG_BASELINES = ("quantized", "zero")
+_WEIGHTING_FIELDS = ("weighting", "ig_steps", "ig_baseline", "iqr_clip")
+
+
+@dataclass(frozen=True)
+class WeightedParams(MethodParams):
+    """The token-weighting parameters AWQ and GPTQ share. With `uniform` they are left out of the
+    config's identity: such a config computes what it did before they existed."""
+    weighting: str = "uniform"
+    ig_steps: int = 32            # integrated-gradient steps along the path
+    ig_baseline: str = "quantized"
+    iqr_clip: bool = True
+
+    def as_dict(self) -> dict:
+        found = super().as_dict()
+        if self.weighting == "uniform":
+            for name in _WEIGHTING_FIELDS:
+                found.pop(name)
+        return found
+
+    def marks(self) -> tuple[str, ...]:
+        return () if self.weighting == "uniform" else (self.weighting,)
+
+    def check_weighting(self, where: str) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(f"{where}: params.weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+        if self.ig_baseline not in IG_BASELINES:
+            raise ConfigError(f"{where}: params.ig_baseline must be one of {', '.join(IG_BASELINES)}")
+        if self.ig_steps < 1:
+            raise ConfigError(f"{where}: params.ig_steps must be >= 1, got {self.ig_steps}")
+
+
+def _vision_mask(adapter, batch: dict) -> torch.Tensor | None:
+    image_token = adapter.image_token_id
+    if image_token is None or "input_ids" not in batch:
+        return None
+    return batch["input_ids"] == image_token
+
+
+class TokenWeighting:
+    """Per-window token weights for a calibrated method; `weights_for(window, feed)` must be
+    called once per window, in the walker's order, before the window is quantized."""
+
+    def __init__(self, adapter, targets, batches: list[dict], config):
+        self.params: WeightedParams = config.params
+        self.params.check_weighting(f"config {config.name!r}")
+        self.config = config
+        self.enabled = self.params.weighting != "uniform"
+        self.details: dict[str, dict] = {}
+        if not self.enabled:
+            return
+        self.real = [batch.get("attention_mask") for batch in batches]
+        self.vision = [_vision_mask(adapter, batch) for batch in batches]
+        # The FP stream: every component's first block inputs, caught before anything is rounded.
+        self._fp: dict[str, list[BlockInput]] = {}
+        for component in dict.fromkeys(t.component for t in targets):
+            first = blocks_of(adapter, component, targets)[0]
+            self._fp[component] = catch_inputs(adapter.model, first.module, batches)
+
+    def weights_for(self, window: Window, feed: Feed) -> list[torch.Tensor] | None:
+        """Each batch's (batch, tokens) weights for this window (None: uniform), and the FP stream
+        moved past the window (its FP outputs, so call this before rounding it)."""
+        if not self.enabled:
+            return None
+        fp_inputs = self._fp[window.component]
+        rounded = self._rounded_copy(window)
+        weights = []
+        for index, (fp_item, item) in enumerate(zip(fp_inputs, feed.inputs)):
+            weights.append(self._batch_weights(window, rounded, fp_item, item, index))
+        with torch.no_grad():
+            self._fp[window.component] = [BlockInput((run_window(window, fp_item), *fp_item.args[1:]), fp_item.kwargs)
+                                          for fp_item in fp_inputs]
+        first = window.blocks[0].name
+        self.details[first] = {"weight_max": round(max(w.max().item() for w in weights), 3),
+                               "weight_min": round(min(w.min().item() for w in weights), 3)}
+        return weights
+
+    def _batch_weights(self, window: Window, rounded: Window, fp_item: BlockInput, item: BlockInput,
+                       index: int) -> torch.Tensor:
+        x = fp_item.args[0]
+        baseline = item.args[0] if self.params.ig_baseline == "quantized" else torch.zeros_like(x)
+
+        def output_difference(z):   # summed over tokens: one backward gives every token's gradient
+            inputs = BlockInput((z, *item.args[1:]), item.kwargs)
+            return (run_window(window, inputs) - run_window(rounded, inputs)).float().abs().mean(dim=-1).sum()
+
+        attributions = qig.integrated_gradients(output_difference, x, baseline, self.params.ig_steps)
+        scores = qig.token_scores(attributions)
+        real = self._rows(self.real[index], scores)
+        weights = qig.token_weights(scores, real, self.params.iqr_clip)
+        if self.params.weighting == "modality":
+            vision = self._rows(self.vision[index], scores) if window.component == "language" else None
+            weights = qig.modality_weights(weights, vision if vision is not None else torch.ones_like(weights), real)
+        return weights.to(x.device)
+
+    @staticmethod
+    def _rows(mask: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor | None:
+        """A (batch, tokens) mask where it matches the window's tokens (the language model's
+        sequence), else None (the vision tower's patches: every one real)."""
+        if mask is None or tuple(mask.shape) != tuple(scores.shape):
+            return None
+        return mask.to(scores.device) > 0
+
+    def _rounded_copy(self, window: Window) -> Window:
+        """The window's blocks with their targeted weights rounded (RTN at the config's bits)."""
+        blocks = []
+        for block in window.blocks:
+            module = copy.deepcopy(block.module)
+            for target in block.targets:
+                relative = target.name[len(block.name) + 1:]
+                linear = module.get_submodule(relative) if relative else module
+                with torch.no_grad():
+                    linear.weight.copy_(fake_quantize(linear.weight, target.bits, self.config.group_size,
+                                                      self.config.sym).dequantized)
+            blocks.append(type(block)(block.component, block.name, module, []))
+        return Window(window.component, blocks, window.layout)
+
+
+def weighted(feed: Feed, weights: list[torch.Tensor] | None) -> Feed:
+    """The feed with `weights` as its inputs' token weights (the input callbacks get one per
+    row); the feed itself when there are none."""
+    if weights is None:
+        return feed
+    inputs = [BlockInput(item.args, item.kwargs, w) for item, w in zip(feed.inputs, weights)]
+    return Feed(feed.window, inputs, feed.grad)
