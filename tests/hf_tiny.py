@@ -286,7 +286,7 @@ def build_paligemma(words: list[str]):
     image_processor.image_seq_length = (IMAGE // VISION_PATCH) ** 2
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)   # adds <loc>/<seg> tokens
     config = PaliGemmaConfig(
-        vision_config=SiglipVisionConfig(**_vision(projection_dim=TEXT["hidden_size"])),
+        vision_config=SiglipVisionConfig(**_vision(projection_dim=TEXT["hidden_size"], vision_use_head=False)),
         text_config=GemmaConfig(**TEXT, **_text_ids(tokenizer), head_dim=16),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"), projection_dim=TEXT["hidden_size"])
     return PaliGemmaForConditionalGeneration(config), processor, tokenizer
