@@ -300,6 +300,10 @@ def _quantize_alone(adapter, unit: Block, batches: list[dict], quantize_window: 
                     grad: bool, token_weights: list[torch.Tensor] | None) -> Any:
     """Quantize a block outside the stack as a window of its own; its inputs come from running
     the whole model, as quantized so far."""
-    inputs = catch_inputs(adapter.model, unit.module, batches, token_weights)
+    try:
+        inputs = catch_inputs(adapter.model, unit.module, batches, token_weights)
+    except RuntimeError as err:
+        raise RuntimeError(f"calibration: {unit.name} (targets {', '.join(t.name for t in unit.targets)}) is never "
+                           f"called by the model's forward pass on the calibration batches") from err
     alone = Window(unit.component, [unit], adapter.layout(unit.component))
     return quantize_window(alone, Feed(alone, inputs, grad))

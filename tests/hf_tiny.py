@@ -362,6 +362,31 @@ def build_mllama(words: list[str]):
     return MllamaForConditionalGeneration(config), processor, tokenizer
 
 
+def build_florence2(words: list[str]):
+    """Florence-2: a two-stage DaViT (convolutional stages, window and channel attention), a
+    projection, and a BART encoder-decoder LM: generate returns decoder tokens only."""
+    from transformers import (BartConfig, CLIPImageProcessor, Florence2Config, Florence2ForConditionalGeneration,
+                              Florence2Processor, Florence2VisionConfig)
+    tokenizer = build_tokenizer(words, ["<image>"], {"image_token": "<image>"})
+    vision = Florence2VisionConfig(depths=[1, 1], patch_size=[7, 3], patch_stride=[4, 2], patch_padding=[3, 1],
+                                   patch_prenorm=[False, True], embed_dim=[32, 64], num_heads=[2, 4],
+                                   num_groups=[2, 4], window_size=3, projection_dim=TEXT["hidden_size"],
+                                   drop_path_rate=0.0)
+    text = BartConfig(**_text_ids(tokenizer), d_model=TEXT["hidden_size"], encoder_layers=1, decoder_layers=1,
+                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                      max_position_embeddings=512, decoder_start_token_id=tokenizer.eos_token_id,
+                      forced_eos_token_id=None)
+    config = Florence2Config(vision_config=vision, text_config=text,
+                             image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    image_processor = CLIPImageProcessor(size={"height": IMAGE, "width": IMAGE}, do_center_crop=False,
+                                         image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    # 48 pixels / (4 x 2) = 6 x 6 features, plus the pooled one Florence-2 prepends.
+    image_processor.image_seq_length = (IMAGE // 8) ** 2 + 1
+    processor = Florence2Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                   chat_template=qwen_chat_template(""))
+    return Florence2ForConditionalGeneration(config), processor, tokenizer
+
+
 BUILDERS: dict[str, Callable] = {
     "llava_onevision": build_llava_onevision,
     "qwen2_vl": build_qwen2_vl,
@@ -376,6 +401,7 @@ BUILDERS: dict[str, Callable] = {
     "qwen3_vl": build_qwen3_vl,
     "llama4": build_llama4,
     "mllama": build_mllama,
+    "florence2": build_florence2,
 }
 
 
