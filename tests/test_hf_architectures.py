@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fixtures.adapters import hf_experts, load_adapter
-from fixtures.adapters.base import ComponentMissing, Generation
+from fixtures.adapters.base import ComponentMissing, Generation, ModelMissing
 from fixtures.adapters.hf import HFAdapter
 from fixtures.runtime.grid import load_grid
 from fixtures.runtime.models import ModelPool
@@ -303,3 +303,15 @@ def test_a_processor_without_any_chat_template_names_the_grid_option(world):
     assert "\n" not in str(info.value) and "chat_template: FILE.jinja" in str(info.value)
     with pytest.raises(ValueError, match="chat_template: no file"):
         load_adapter("pali", "hf", str(saved(world, "paligemma")), CPU, "auto", ROOT, chat_template="nowhere.jinja")
+
+
+def test_example_grid_names_models_by_id_and_loads_without_them(tmp_path):
+    """benchmarks/grids/hf.yaml loads offline: a model absent from the local cache keeps the
+    family's declared components at grid load, and is a skip naming its id when loaded."""
+    grid = load_grid(ROOT / "benchmarks" / "grids" / "hf.yaml")
+    assert {m.family for m in grid.models.values()} == {"hf"}
+    assert all(m.path.count("/") == 1 for m in grid.models.values())
+    assert any(set(case.config.components) == {"vision", "connector", "language"} for case in grid.cases)
+    model = grid.models["qwen2.5-vl-3b"]
+    with pytest.raises(ModelMissing, match="Qwen/Qwen2.5-VL-3B-Instruct"):
+        ModelPool(CPU, tmp_path).fp(model)
