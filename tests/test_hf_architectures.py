@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures.adapters import hf_experts, load_adapter
+from fixtures.adapters import hf_experts, layouts, load_adapter
 from fixtures.adapters.base import ComponentMissing, Generation, ModelMissing
 from fixtures.adapters.hf import HFAdapter
 from fixtures.runtime.grid import load_grid
@@ -326,7 +326,6 @@ def test_text_decoder_layouts_of_aya_vision_and_glm4v_fold_exactly(architecture)
     GLM-4V's (GLM-4: sandwich norms, a fused gate_up_proj): their tables are recognized and every
     fold leaves a decoder layer's output unchanged (they were not recognized: explicit scales)."""
     from transformers import Cohere2Config, Cohere2Model, Glm4Config, Glm4Model
-    from fixtures.adapters import layouts
     from fixtures.adapters.hf import recognize_layout
     config_class, model_class, expected = {"cohere2": (Cohere2Config, Cohere2Model, layouts.COHERE_PARALLEL),
                                            "glm4": (Glm4Config, Glm4Model, layouts.GLM4)}[architecture]
@@ -351,3 +350,34 @@ def test_text_decoder_layouts_of_aya_vision_and_glm4v_fold_exactly(architecture)
         for producer, consumers in pairs:
             torch.testing.assert_close(run(folded_copy(block, producer, consumers, generator)), reference,
                                        rtol=1e-4, atol=1e-5, msg=f"{producer} -> {consumers}")
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_a_linear_no_calibration_row_reaches_is_rounded_to_nearest_and_said(method):
+    """An expert no calibration token is routed to has no statistics: GPTQ would zero it (all its
+    columns dead) and AWQ had no rows to search; both round it to nearest and say so (both
+    stopped with a KeyError)."""
+    from quantizers.methods import get_method
+    from quantizers.primitives import fake_quantize
+    from quantizers.targets import Target
+    from quantizers.walker import Block, BlockInput, Feed, Window
+
+    class TwoExperts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.routed, self.unrouted = torch.nn.Linear(32, 32), torch.nn.Linear(32, 32)
+
+        def forward(self, x):
+            return self.routed(x)   # every token goes to the first expert
+
+    torch.manual_seed(0)
+    module = TwoExperts()
+    expected = fake_quantize(module.unrouted.weight, 4, 16, False).dequantized
+    targets = [Target(f"e.{name}", "language", getattr(module, name), 4) for name in ("routed", "unrouted")]
+    window = Window("language", [Block("language", "e", module, targets)], layouts.PLAIN)
+    config = make_config(method, method, {"language": 4}, group_size=16, params={"n_grid": 4} if method == "awq" else None)
+    out = get_method(method).quantize_window(window, Feed(window, [BlockInput((torch.randn(2, 8, 32),), {})]), config)
+    assert torch.equal(module.unrouted.weight, expected) and module.unrouted.weight.abs().sum() > 0
+    assert "no calibration input" in out.details["e.unrouted"]["fallback"]
+    assert "fallback" not in out.details.get("e.routed", {})
+    assert {record.name for record in out.layers} == {"e.routed", "e.unrouted"}
