@@ -13,7 +13,7 @@ from quantizers.bpw import FP_BITS, LayerRecord, bits_per_weight
 from quantizers.cache import QuantEntry, apply_entry, change_markers
 from quantizers.config import ConfigError, QuantConfig
 from quantizers.methods import QuantOutput, get_method
-from quantizers.targets import Target, select_targets
+from quantizers.targets import Target, select_targets, unaccounted_weights
 
 
 class CoverageError(RuntimeError):
@@ -104,6 +104,10 @@ def quantize(adapter, config: QuantConfig, batches: list[dict] | None = None,
     before = change_markers(adapter.model)
     output: QuantOutput = method.quantize(adapter, targets, config, batches, progress)
     check_coverage(before, change_markers(adapter.model), targets, output.changed)
+    left = unaccounted_weights(adapter, config, {f"{r.name}.weight" for r in output.layers})
+    if left:
+        raise CoverageError(f"config {config.name!r} on {adapter.name}: left at 16 bits, neither quantized nor "
+                            f"protected with a reason by the {adapter.family} family: {', '.join(left)}")
     ranges = _activation_ranges(adapter, config, targets, batches, output)
     _attach_activations(adapter, config, targets, ranges)
     report = QuantReport(config, output.layers, bits_per_weight(adapter.model, output.layers, components),

@@ -33,7 +33,10 @@ def bits_per_weight(model: nn.Module, records: list[LayerRecord], components: di
     for name, param in model.named_parameters():  # named_parameters() skips tied duplicates
         record = quantized.get(name)
         bits = record.weight_bits if record else FP_BITS * param.numel()
-        owners = ["model"] + [c for c, prefix in components.items() if name.startswith(prefix + ".")]
+        # A parameter belongs to the innermost component holding it (a merger carved out of the
+        # vision tower counts for the connector only), so no parameter is counted twice.
+        holders = [c for c, prefix in components.items() if name.startswith(prefix + ".")]
+        owners = ["model"] + sorted(holders, key=lambda c: -len(components[c]))[:1]
         for owner in owners:
             totals[owner][0] += bits
             totals[owner][1] += param.numel()

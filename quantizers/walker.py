@@ -6,7 +6,11 @@ component's first block (so they already pass through every component quantized 
 then window by window (one block by default, or several consecutive blocks): let the method
 gather its statistics from the window's inputs, quantize the window, recompute the window's
 outputs with its quantized weights, and feed those to the next window. A component without a
-stack of blocks (the LLaVA projector) is one block.
+stack of blocks (the LLaVA projector) is one block. Targets outside the component's stack (a
+merger after a vision tower, a connector's projection before its resampler, the blocks of a
+second stack) are calibrated in windows of their own, in forward order with the stack: each
+such module's inputs are caught by running the whole model (blocks_outside_stack). A block the
+model calls with its hidden state by keyword (`layer(hidden_state=...)`) is fed the same way.
 
 What a method can ask of the walker:
 - `window`: how many consecutive blocks it quantizes together (Q-VLM's blocks of up to 3 layers);
@@ -51,6 +55,19 @@ class BlockInput:
     args: tuple
     kwargs: dict
     token_weights: torch.Tensor | None = None
+    # The keyword the hidden state came by when the model calls the block by keyword (Mllama's
+    # and Llama 4's vision layers); None: the first positional argument.
+    hidden_key: str | None = None
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self.args[0] if self.hidden_key is None else self.kwargs[self.hidden_key]
+
+    def with_hidden(self, x: torch.Tensor) -> "BlockInput":
+        """The same inputs with another hidden state (the previous block's output)."""
+        if self.hidden_key is None:
+            return BlockInput((x, *self.args[1:]), self.kwargs, self.token_weights)
+        return BlockInput(self.args, {**self.kwargs, self.hidden_key: x}, self.token_weights, self.hidden_key)
 
 
 @dataclass
@@ -146,7 +163,13 @@ def catch_inputs(model: nn.Module, block: nn.Module, batches: Iterable[dict],
     caught: list[BlockInput] = []
 
     def hook(module, args, kwargs):
-        caught.append(BlockInput(tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs)))
+        # Called by keyword: the hidden state is the first floating tensor passed.
+        key = None if args else next((k for k, v in kwargs.items() if torch.is_tensor(v) and v.is_floating_point()),
+                                     None)
+        if key is not None:
+            kwargs = {**kwargs, key: kwargs[key].detach()}
+        caught.append(BlockInput(tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs),
+                                 hidden_key=key))
         raise _Caught
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
@@ -172,10 +195,60 @@ def _first(output: Any) -> torch.Tensor:
 
 def run_window(window: Window, item: BlockInput) -> torch.Tensor:
     """The window's output for one batch: its blocks in turn, each fed the previous output."""
-    args = item.args
     for block in window.blocks:
-        args = (_first(block.module(*args, **item.kwargs)), *args[1:])
-    return args[0]
+        item = item.with_hidden(_first(block.module(*item.args, **item.kwargs)))
+    return item.hidden
+
+
+def _unit_path(root: nn.Module, relative: str, stack: str) -> str:
+    """The module (relative to the component) that a Linear outside the stack is calibrated
+    with: the first module on its path that does not hold the stack, or, below that, the entry
+    of the first ModuleList on the path (one block of a second stack, one of several mergers)."""
+    parts = relative.split(".")
+    path, depth = "", 0
+    while depth < len(parts):
+        path = ".".join(parts[:depth + 1])
+        depth += 1
+        if not (stack == path or stack.startswith(path + ".")):
+            break
+    while depth < len(parts):
+        if isinstance(root.get_submodule(path), nn.ModuleList):
+            return ".".join(parts[:depth + 1])
+        path = ".".join(parts[:depth + 1])
+        depth += 1
+    return path
+
+
+def blocks_outside_stack(adapter, component: str, targets: list[Target], stack_blocks: list[Block]) -> list[Block]:
+    """Blocks (one per calling module, see _unit_path) for the component's targets that are in
+    none of its stack's blocks."""
+    inside = {id(t) for block in stack_blocks for t in block.targets}
+    prefix = adapter.components[component]
+    relative_stack, _ = adapter.block_stack(component)
+    root = adapter.model.get_submodule(prefix)
+    units: dict[str, list[Target]] = {}
+    for target in targets:
+        if target.component == component and id(target) not in inside:
+            units.setdefault(_unit_path(root, target.name[len(prefix) + 1:], relative_stack), []).append(target)
+    return [Block(component, f"{prefix}.{path}", root.get_submodule(path), mine) for path, mine in units.items()]
+
+
+def forward_order(model: nn.Module, blocks: list[Block], batch: dict) -> list[Block]:
+    """The blocks in the order the model first calls them on one batch (never called: last)."""
+    first_call: dict[int, int] = {}
+
+    def seen(index: int) -> None:   # a pre-hook's return value would replace the module's inputs
+        first_call.setdefault(index, len(first_call))
+
+    handles = [block.module.register_forward_pre_hook(lambda module, args, i=i: seen(i))
+               for i, block in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            model(**batch, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [blocks[i] for i in sorted(range(len(blocks)), key=lambda i: first_call.get(i, len(blocks) + i))]
 
 
 PartitionCallback = Callable[[str, list[Block], list[BlockInput]], list[int]]
@@ -198,6 +271,12 @@ def walk(adapter, targets: list[Target], batches: list[dict],
     order = [c for c in adapter.components if any(t.component == c for t in targets)]
     for component in order:
         blocks = blocks_of(adapter, component, targets)
+        # Targets outside the stack: windows of their own, before or after it in forward order.
+        before, after = _outside_in_order(adapter, component, targets, blocks, batches)
+        results += [_quantize_alone(adapter, unit, batches, quantize_window, grad, token_weights) for unit in before]
+        if not any(b.targets for b in blocks):
+            results += [_quantize_alone(adapter, unit, batches, quantize_window, grad, token_weights) for unit in after]
+            continue
         last = max(i for i, b in enumerate(blocks) if b.targets)
         inputs = catch_inputs(adapter.model, blocks[0].module, batches, token_weights)
         sizes = partition(component, blocks[:last + 1], inputs) if partition else None
@@ -217,6 +296,31 @@ def walk(adapter, targets: list[Target], batches: list[dict],
             if current is windows[-1]:
                 break  # later blocks hold no target: no need to propagate further
             outputs = Feed(current, inputs).run()   # with the window's quantized weights
-            inputs = [BlockInput((out.detach(), *item.args[1:]), item.kwargs, item.token_weights)
-                      for out, item in zip(outputs, inputs)]
+            inputs = [item.with_hidden(out.detach()) for out, item in zip(outputs, inputs)]
+        results += [_quantize_alone(adapter, unit, batches, quantize_window, grad, token_weights) for unit in after]
     return results
+
+
+def _outside_in_order(adapter, component: str, targets: list[Target], blocks: list[Block],
+                      batches: list[dict]) -> tuple[list[Block], list[Block]]:
+    """The component's blocks outside its stack, split into those the model calls before the
+    stack's first block and those after it (one traced forward pass, only when there are any)."""
+    outside = blocks_outside_stack(adapter, component, targets, blocks)
+    if not outside:
+        return [], []
+    ordered = forward_order(adapter.model, [blocks[0], *outside], batches[0])
+    split = ordered.index(blocks[0])
+    return ordered[:split], ordered[split + 1:]
+
+
+def _quantize_alone(adapter, unit: Block, batches: list[dict], quantize_window: Callable[[Window, Feed], Any],
+                    grad: bool, token_weights: list[torch.Tensor] | None) -> Any:
+    """Quantize a block outside the stack as a window of its own; its inputs come from running
+    the whole model, as quantized so far."""
+    try:
+        inputs = catch_inputs(adapter.model, unit.module, batches, token_weights)
+    except RuntimeError as err:
+        raise RuntimeError(f"calibration: {unit.name} (targets {', '.join(t.name for t in unit.targets)}) is never "
+                           f"called by the model's forward pass on the calibration batches") from err
+    alone = Window(unit.component, [unit], adapter.layout(unit.component))
+    return quantize_window(alone, Feed(alone, inputs, grad))

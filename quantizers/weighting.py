@@ -13,7 +13,8 @@ scale search and GPTQ's Hessian (X^T diag(lambda) X). A parameter both methods a
 
 The FP input of each block comes from a second stream kept beside the walker's: the first block's
 inputs caught on the FP model before anything is quantized, then each window's FP outputs,
-computed before the window is rounded. One weight vector per block serves every equalization
+computed before the window is rounded. Windows outside a component's block stack (a merger, a
+connector's projection: walker.blocks_outside_stack) are weighted uniformly. One weight vector per block serves every equalization
 group in it (the authors' code computes one per inspected sub-module: attention, MLP).
 """
 from __future__ import annotations
@@ -82,25 +83,31 @@ class TokenWeighting:
             return
         self.real = [batch.get("attention_mask") for batch in batches]
         self.vision = [_vision_mask(adapter, batch) for batch in batches]
-        # The FP stream: every component's first block inputs, caught before anything is rounded.
+        # The FP stream: every component's first block inputs, caught before anything is rounded,
+        # and where along its stack the stream stands.
         self._fp: dict[str, list[BlockInput]] = {}
+        self._stack: dict[str, list[str]] = {}
         for component in dict.fromkeys(t.component for t in targets):
-            first = blocks_of(adapter, component, targets)[0]
-            self._fp[component] = catch_inputs(adapter.model, first.module, batches)
+            blocks = blocks_of(adapter, component, targets)
+            self._stack[component] = [block.name for block in blocks]
+            self._fp[component] = catch_inputs(adapter.model, blocks[0].module, batches)
 
     def weights_for(self, window: Window, feed: Feed) -> list[torch.Tensor] | None:
         """Each batch's (batch, tokens) weights for this window (None: uniform), and the FP stream
         moved past the window (its FP outputs, so call this before rounding it)."""
         if not self.enabled:
             return None
+        stack = self._stack[window.component]
+        if not stack or window.blocks[0].name != stack[0]:
+            return None   # a window outside the component's block stack (a merger): uniform
+        del stack[:len(window.blocks)]
         fp_inputs = self._fp[window.component]
         rounded = self._rounded_copy(window)
         weights = []
         for index, (fp_item, item) in enumerate(zip(fp_inputs, feed.inputs)):
             weights.append(self._batch_weights(window, rounded, fp_item, item, index))
         with torch.no_grad():
-            self._fp[window.component] = [BlockInput((run_window(window, fp_item), *fp_item.args[1:]), fp_item.kwargs)
-                                          for fp_item in fp_inputs]
+            self._fp[window.component] = [fp_item.with_hidden(run_window(window, fp_item)) for fp_item in fp_inputs]
         first = window.blocks[0].name
         self.details[first] = {"weight_max": round(max(w.max().item() for w in weights), 3),
                                "weight_min": round(min(w.min().item() for w in weights), 3)}
@@ -108,11 +115,11 @@ class TokenWeighting:
 
     def _batch_weights(self, window: Window, rounded: Window, fp_item: BlockInput, item: BlockInput,
                        index: int) -> torch.Tensor:
-        x = fp_item.args[0]
-        baseline = item.args[0] if self.params.ig_baseline == "quantized" else torch.zeros_like(x)
+        x = fp_item.hidden
+        baseline = item.hidden if self.params.ig_baseline == "quantized" else torch.zeros_like(x)
 
         def output_difference(z):   # summed over tokens: one backward gives every token's gradient
-            inputs = BlockInput((z, *item.args[1:]), item.kwargs)
+            inputs = item.with_hidden(z)
             return (run_window(window, inputs) - run_window(rounded, inputs)).float().abs().mean(dim=-1).sum()
 
         attributions = qig.integrated_gradients(output_difference, x, baseline, self.params.ig_steps)
@@ -152,5 +159,5 @@ def weighted(feed: Feed, weights: list[torch.Tensor] | None) -> Feed:
     row); the feed itself when there are none."""
     if weights is None:
         return feed
-    inputs = [BlockInput(item.args, item.kwargs, w) for item, w in zip(feed.inputs, weights)]
+    inputs = [BlockInput(item.args, item.kwargs, w, item.hidden_key) for item, w in zip(feed.inputs, weights)]
     return Feed(feed.window, inputs, feed.grad)

@@ -4,6 +4,7 @@ load_adapter(family="hf"); components found from the structure; every component 
 RTN, GPTQ and AWQ (api.quantize proves coverage); VQAv2 evaluated on the embedded world.
 Random weights: these check the plumbing, never accuracy."""
 import copy
+import json
 import textwrap
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from fixtures.adapters.hf import HFAdapter
 from fixtures.runtime.grid import GridError, load_grid
 from fixtures.world.generate import DEFAULT_SEED, generate_world
 from quantizers import api, awq
+from quantizers.bpw import bits_per_weight
 from quantizers.config import ConfigError, make_config
 from quantizers.targets import select_targets
 from quantizers.walker import catch_inputs
@@ -158,6 +160,49 @@ def test_grid_override_replaces_the_found_components(world):
     assert "model.visual.merger.mlp.0" in names
     with pytest.raises(ConfigError, match="no component 'connector'"):
         select_targets(adapter, make_config("q", "rtn", {"connector": 4}))
+    # GPTQ reaches the merger, outside vision's block stack, as a window of its own (it stopped
+    # with a coverage error naming the merger's Linears).
+    chosen = world["train"][:4]
+    texts = [adapter.calibration_text(s.question, s.multiple_choice_answer) for s in chosen]
+    batches = [adapter.model_inputs([s.image() for s in chosen], texts)]
+    report, _ = api.quantize(adapter, make_config("q", "gptq", {"vision": 4}, group_size=16), batches)
+    assert {"model.visual.merger.mlp.0", "model.visual.merger.mlp.2"} <= {r.name for r in report.layers}
+
+
+def test_per_component_bpw_counts_a_nested_component_once(tiny):
+    """Qwen2-VL's merger is carved out of vision as the connector: its parameters count for the
+    connector alone (vision's bpw included the unquantized merger)."""
+    architecture, adapter, _ = tiny
+    if architecture == "llava_onevision":
+        pytest.skip("LLaVA-OneVision's connector is not nested in its vision tower")
+    merger = sum(p.numel() for n, p in adapter.model.named_parameters() if n.startswith("model.visual.merger."))
+    bpw = bits_per_weight(adapter.model, [], adapter.components)   # nothing quantized: all at 16 bits
+    assert bpw["vision"] == bpw["connector"] == 16.0
+    report, _ = api.quantize(copy.deepcopy(adapter), make_config("q", "rtn", {"connector": 4}))
+    quantized_bits = sum(r.weight_bits for r in report.layers)
+    merger_weights = sum(r.numel for r in report.layers)
+    assert report.bpw["vision"] == 16.0   # the quantized merger is not vision's
+    assert report.bpw["connector"] == pytest.approx((quantized_bits + 16 * (merger - merger_weights)) / merger)
+
+
+def test_chat_template_on_the_tokenizer_is_used(world, tmp_path):
+    """A processor that keeps its chat template on its tokenizer: prompts come from the
+    tokenizer's template (every test was refused)."""
+    source = save_tiny("qwen2_vl", world["models"] / "template", world["words"])
+    reference = load_adapter("q", "hf", str(source), CPU, "auto", ROOT)
+    template = reference.processor.chat_template
+    moved = tmp_path / "moved"
+    reference.processor.chat_template = reference.processor.tokenizer.chat_template = None
+    reference.processor.save_pretrained(moved)
+    reference.model.save_pretrained(moved)
+    # The template only in tokenizer_config.json, where older checkpoints keep it.
+    tokenizer_config = moved / "tokenizer_config.json"
+    tokenizer_config.write_text(json.dumps({**json.loads(tokenizer_config.read_text()), "chat_template": template}))
+    assert not (moved / "chat_template.jinja").exists() and not (moved / "chat_template.json").exists()
+    adapter = load_adapter("q", "hf", str(moved), CPU, "auto", ROOT)
+    assert not getattr(adapter.processor, "chat_template", None) and adapter.processor.tokenizer.chat_template
+    expected = load_adapter("q", "hf", str(source), CPU, "auto", ROOT).prompt("short_answer", question="what is it")
+    assert adapter.prompt("short_answer", question="what is it") == expected
 
 
 GRID = """

@@ -12,6 +12,7 @@ from torch import nn
 from quantizers import awq
 from quantizers.folds import norm_linear_pairs
 from quantizers.methods import Method, QuantOutput, register_method
+from quantizers.methods.gptq import NO_INPUT
 from quantizers.primitives import fake_quantize
 from quantizers.targets import Target
 from quantizers.walker import Block, Feed, Window, walk
@@ -56,6 +57,8 @@ class AWQ(Method):
         for block in window.blocks:
             names = {id(m): n for n, m in block.module.named_modules()}
             for members, fold_target in _scale_groups(block, window.layout):
+                if members[0].name not in inputs:   # no calibration input: rounded plainly below
+                    continue
                 x = inputs[members[0].name]
                 linears = [t.module for t in members]
                 s, alpha, _ = awq.search_scale(x, linears, bits=members[0].bits, group_size=config.group_size,
@@ -79,8 +82,10 @@ class AWQ(Method):
         # 2) Clip search on the scaled weights with the scaled inputs, then round.
         for target in window.targets:
             weight = target.module.weight
+            if target.name not in inputs:
+                out.details[target.name] = {"fallback": NO_INPUT}
             with torch.no_grad():
-                if params.clip and window.layout.clips(target.name):
+                if params.clip and window.layout.clips(target.name) and target.name in inputs:
                     max_val = awq.search_clip(inputs[target.name], weight, bits=target.bits,
                                               group_size=config.group_size, sym=config.sym, n_grid=params.n_grid)
                     weight.copy_(awq.apply_clip(weight, max_val, config.group_size))
@@ -128,6 +133,8 @@ def _gather_rows(targets: list[Target], feed: Feed, seed: int) -> tuple[dict[str
     generator = torch.Generator().manual_seed(seed)
     gathered, weights = {}, {}
     for target in targets:
+        if target.name not in group_of:   # never called on the calibration batches (an unrouted expert)
+            continue
         key = group_of[target.name]
         x, w = joined[key], joined_weights.get(key)
         if x.shape[0] > AWQ_MAX_ROWS:

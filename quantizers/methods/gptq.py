@@ -9,7 +9,7 @@ import torch
 
 from quantizers.gptq import HessianAccumulator, gptq_quantize_full, gptq_quantize_stacked
 from quantizers.methods import Method, QuantOutput, register_method
-from quantizers.primitives import QuantizedTensor
+from quantizers.primitives import QuantizedTensor, fake_quantize
 from quantizers.walker import Feed, Window, walk
 from quantizers.weighting import TokenWeighting, WeightedParams, weighted
 
@@ -65,6 +65,11 @@ class GPTQ(Method):
             results.update({t.name: result for t, result in zip(group, outputs)})
         out = QuantOutput()
         for target in window.targets:
+            if target.name not in results:
+                # No calibration row reached it (a MoE expert no calibration token was routed
+                # to): GPTQ would zero its weight, having no statistics; round to nearest instead.
+                _round_unreached(target, config, out)
+                continue
             result = results[target.name]
             with torch.no_grad():
                 target.module.weight.copy_(result.dequantized)
@@ -73,3 +78,15 @@ class GPTQ(Method):
                     config.sym)
             out.details[target.name] = {"damp": result.damp_used, "retries": result.retries}
         return out
+
+
+NO_INPUT = "rtn: no calibration input reached it (a MoE expert no calibration token was routed to)"
+
+
+@torch.no_grad()
+def _round_unreached(target, config, out: QuantOutput) -> None:
+    """Round-to-nearest for a target that saw no calibration input, recorded in its details."""
+    result = fake_quantize(target.module.weight, target.bits, config.group_size, config.sym)
+    target.module.weight.copy_(result.dequantized)
+    out.add(target.name, target.component, target.bits, result, config.sym)
+    out.details[target.name] = {"fallback": NO_INPUT}

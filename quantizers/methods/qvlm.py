@@ -168,13 +168,12 @@ class _BlockSearch:
         current = inputs
         with torch.no_grad():
             for index, block in enumerate(blocks):
-                layer_values.append(torch.cat([qvlm.sample_elements(item.args[0], params.entropy_samples,
+                layer_values.append(torch.cat([qvlm.sample_elements(item.hidden, params.entropy_samples,
                                                                     params.seed + b)
                                                for b, item in enumerate(current)]))
                 if index + 1 < len(blocks):
                     window = Window(component, [block])
-                    current = [BlockInput((run_window(window, item), *item.args[1:]), item.kwargs)
-                               for item in current]
+                    current = [item.with_hidden(run_window(window, item)) for item in current]
         dependency = qvlm.dependencies(layer_values, self.config.a_bits, params.temperature)
         threshold = None if params.threshold < 0 else params.threshold
         sizes = qvlm.partition(dependency, threshold, params.max_depth)
