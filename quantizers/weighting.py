@@ -27,7 +27,7 @@ import torch
 from quantizers import qig
 from quantizers.config import ConfigError, MethodParams
 from quantizers.primitives import fake_quantize
-from quantizers.walker import BlockInput, Feed, Window, blocks_of, catch_inputs, run_window
+from quantizers.walker import Block, BlockInput, Feed, Window, blocks_of, catch_inputs, run_window
 
 WEIGHTINGS = ("uniform", "modality", "qig")
 IG_BASELINES = ("quantized", "zero")
@@ -86,10 +86,10 @@ class TokenWeighting:
         # The FP stream: every component's first block inputs, caught before anything is rounded,
         # and where along its stack the stream stands.
         self._fp: dict[str, list[BlockInput]] = {}
-        self._stack: dict[str, list[str]] = {}
+        self._stack: dict[str, list[Block]] = {}
         for component in dict.fromkeys(t.component for t in targets):
             blocks = blocks_of(adapter, component, targets)
-            self._stack[component] = [block.name for block in blocks]
+            self._stack[component] = blocks
             self._fp[component] = catch_inputs(adapter.model, blocks[0].module, batches)
 
     def weights_for(self, window: Window, feed: Feed) -> list[torch.Tensor] | None:
@@ -98,20 +98,29 @@ class TokenWeighting:
         if not self.enabled:
             return None
         stack = self._stack[window.component]
-        if not stack or window.blocks[0].name != stack[0]:
+        names = [block.name for block in stack]
+        if window.blocks[0].name not in names:
             return None   # a window outside the component's block stack (a merger): uniform
-        del stack[:len(window.blocks)]
+        # Blocks the walker passed without a target (a `layers` subset) move the FP stream too.
+        skipped = stack[:names.index(window.blocks[0].name)]
+        if skipped:
+            self._advance(Window(window.component, skipped))
+        del stack[:len(skipped) + len(window.blocks)]
         fp_inputs = self._fp[window.component]
         rounded = self._rounded_copy(window)
         weights = []
         for index, (fp_item, item) in enumerate(zip(fp_inputs, feed.inputs)):
             weights.append(self._batch_weights(window, rounded, fp_item, item, index))
-        with torch.no_grad():
-            self._fp[window.component] = [fp_item.with_hidden(run_window(window, fp_item)) for fp_item in fp_inputs]
+        self._advance(window)
         first = window.blocks[0].name
         self.details[first] = {"weight_max": round(max(w.max().item() for w in weights), 3),
                                "weight_min": round(min(w.min().item() for w in weights), 3)}
         return weights
+
+    @torch.no_grad()
+    def _advance(self, window: Window) -> None:
+        """The FP stream moved past the window (its blocks still FP: call before rounding them)."""
+        self._fp[window.component] = [item.with_hidden(run_window(window, item)) for item in self._fp[window.component]]
 
     def _batch_weights(self, window: Window, rounded: Window, fp_item: BlockInput, item: BlockInput,
                        index: int) -> torch.Tensor:

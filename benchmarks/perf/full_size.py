@@ -18,6 +18,8 @@ config is LLaVA-1.5 (default) or BLIP-2 OPT (--config blip2-opt-2.7b: works eval
                language; LLaVA: vision, connector, language): seconds, peak memory, Linears
   qvlm_all     (trees with Q-VLM) Q-VLM W4A4 of every component, static per-tensor activations:
                encoder optimization and block search seconds, peak memory
+  qvlm_official_all  the same with Q-VLM's default activation quantizers (a_quant official)
+  awq_qig_lm, gptq_qig_lm  AWQ / GPTQ W4 g128 of the language model with QIG token weights
   pool         (this tree only) the runtime's model pool: FP model + a quantized config (RTN W4
                g128 of the language model) + evaluation at --pool-batch, in place vs a deep copy
                per config (the old way); peak device memory of each
@@ -164,7 +166,8 @@ def main() -> None:
                vision_s=round(vision_clock.seconds, 3), generate_s=round(generate_clock.seconds, 3),
                attn=getattr(model.config, "_attn_implementation", "?"))
 
-    if any(w in work for w in ("gptq_lm", "awq_lm", "gptq_vision", "gptq_all", "qvlm_all")):
+    if any(w in work for w in ("gptq_lm", "awq_lm", "gptq_vision", "gptq_all", "qvlm_all", "qvlm_official_all",
+                               "awq_qig_lm", "gptq_qig_lm")):
         texts = [adapter.calibration_text(s.question, s.multiple_choice_answer) for s in calibration]
         batches = [adapter.model_inputs([s.image() for s in calibration[i:i + 16]], texts[i:i + 16])
                    for i in range(0, len(calibration), 16)]
@@ -175,7 +178,12 @@ def main() -> None:
                 "gptq_vision": ("gptq", {"vision": 4}, args.vision_layers, {}),
                 "gptq_all": ("gptq", all_components, args.layers, {}),
                 # Q-VLM W4A4, every component, static per-tensor activations: the paper's setting
-                "qvlm_all": ("qvlm", all_components, args.layers, _qvlm_activation_settings)}
+                "qvlm_all": ("qvlm", all_components, args.layers, _qvlm_activation_settings),
+                # Q-VLM W4A4 with the method's default activation quantizers (the authors' code's)
+                "qvlm_official_all": ("qvlm", all_components, args.layers, {"a_bits": 4}),
+                # QIG-weighted calibration (issue 19): integrated gradients per block, 32 steps
+                "awq_qig_lm": ("awq", {"language": 4}, args.layers, {"params": {"weighting": "qig"}}),
+                "gptq_qig_lm": ("gptq", {"language": 4}, args.layers, {"params": {"weighting": "qig"}})}
         for name in [w for w in work if w in jobs]:
             method, bits, layers, extra = jobs[name]
             extra = extra() if callable(extra) else extra

@@ -2,7 +2,7 @@
 # benchmarks/perf/RESULTS.md's full-size rows, in one GPU session: today's tree and 40de34e
 # (exported to .old/, carried to the GPU machine) through the same script, full_size.py.
 #   git archive 40de34e | (mkdir -p .old && tar -x -C .old)      # once, here
-#   PART=old|eval|quant|pool|graphs|qvlm|final OUT=DIR bash benchmarks/perf/full_size.sh
+#   PART=old|eval|quant|pool|graphs|qvlm|final|qig OUT=DIR bash benchmarks/perf/full_size.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -29,6 +29,11 @@ case "${PART:-all}" in
     run graphs-full --tree . --work eval,eval_profile,gptq_lm,gptq_vision --batches 1,16,64,128 ;;
   qvlm)
     run qvlm --tree . --work qvlm_all ;;
+  qig)      # issue 19: QIG-weighted AWQ/GPTQ beside plain on one slice of the language model, and
+            # Q-VLM W4A4 with the authors' quantizers (issue 18), whole model
+    run qig-slices --tree . --layers 0-3 --work awq_lm,awq_qig_lm,gptq_lm,gptq_qig_lm
+    timeout 300 $PY benchmarks/perf/full_size.py --tree . --work qvlm_official_all --out "$OUT/qvlm-official.json" 2>&1 \
+      | grep -v "Loading weights" ;;
   final)    # Q-VLM W4A4 of the whole model (bounded), then BLIP-2 OPT-2.7B evaluation and GPTQ
     timeout 400 $PY benchmarks/perf/full_size.py --tree . --work qvlm_all --progress --out "$OUT/qvlm.json" 2>&1 \
       | tr '\r' '\n' | grep -v "Loading weights" | awk 'NR % 20 == 1 || /work/' | tail -40
