@@ -280,7 +280,7 @@ class RunDir:
     # -- FP baselines shared by workers -----------------------------------------------------
     def baseline(self, model: str, task: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """The stored baseline of (model, task), or compute() stored for the other workers."""
-        path = self.root / "baselines" / f"{model}--{task}.json"
+        path = self._inside(self.root / "baselines" / f"{model}--{task}.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
             if path.exists():
@@ -291,7 +291,13 @@ class RunDir:
 
     # -- per-sample logs --------------------------------------------------------------------
     def samples_path(self, model: str, task: str, config: str) -> Path:
-        return self.root / "samples" / model / task / f"{config}.jsonl"
+        return self._inside(self.root / "samples" / model / task / f"{config}.jsonl")
+
+    def _inside(self, path: Path) -> Path:
+        """Names are data: the grid checks them, and this refuses any that would still lead out."""
+        if not path.resolve().is_relative_to(self.root.resolve()) or ".." in path.relative_to(self.root).parts:
+            raise RunDirError(f"{path}: a model, task or config name would write outside the report dir {self.root}")
+        return path
 
     def write_samples(self, model: str, task: str, config: str, samples: Iterable[dict]) -> Path:
         path = self.samples_path(model, task, config)
