@@ -266,16 +266,18 @@ class RunDir:
         """How a run that would measure `identity` differs from what this dir measured: its
         run-identity.json, or for a dir without one (made by `reports merge` before it copied
         that file, or by an older version) what its rows say. Empty: the two can be mixed."""
+        rows, _problems = read_parts(sorted(self.parts.glob("results-*.csv")))
+        if self.results_csv.exists():
+            rows += read_parts([self.results_csv])[0]
         try:
             stored = json.loads(self.identity_path.read_text())
         except (OSError, ValueError):
             stored = None
-        if isinstance(stored, dict):
-            return identity_differences(stored, identity)
-        rows, _problems = read_parts(sorted(self.parts.glob("results-*.csv")))
-        if self.results_csv.exists():
-            rows += read_parts([self.results_csv])[0]
-        return _row_conflicts(rows, identity)
+        if not isinstance(stored, dict):
+            return _row_conflicts(rows, identity)
+        # Only what the dir measured matters: the grid's other tasks and models never ran here.
+        measured = {"tasks": {row["task"] for row in rows}, "models": {row["model"] for row in rows}}
+        return identity_differences(stored, identity, measured if rows else None)
 
     # -- FP baselines shared by workers -----------------------------------------------------
     def baseline(self, model: str, task: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -305,14 +307,18 @@ class RunDir:
         return path
 
 
-def identity_differences(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
-    """One phrase per task or model that both name and that differs: '<section> <name>: <field>
-    <stored> there, <wanted> now'. A task or model only one side has is no conflict (it is
-    measured anew)."""
+def identity_differences(stored: Mapping[str, Any], wanted: Mapping[str, Any],
+                         measured: Mapping[str, set] | None = None) -> list[str]:
+    """One phrase per task or model that both name (and, given `measured`, that the dir has rows
+    of) and that differs: '<section> <name>: <field> <stored> there, <wanted> now'. A task or
+    model only one side has is no conflict (it is measured anew)."""
     found = []
     for section in ("tasks", "models"):
         before, now = stored.get(section) or {}, wanted.get(section) or {}
-        for name in sorted(set(before) & set(now)):
+        names = set(before) & set(now)
+        if measured is not None:
+            names &= measured[section]
+        for name in sorted(names):
             for key in sorted(set(before[name]) | set(now[name])):
                 if before[name].get(key) != now[name].get(key):
                     found.append(f"{section[:-1]} {name}: {key} {_shown(before[name].get(key))} there, "
