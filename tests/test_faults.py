@@ -277,3 +277,22 @@ def test_sigterm_leaves_results_junit_and_report_and_moves_an_earlier_run_aside(
     # Each test's rows were written in one append that ends with its primary row.
     part = read_rows(report / "parts" / "results-main.csv")
     assert part and part[-1]["primary"] == "true" and [row["primary"] for row in part].count("true") == 1
+
+
+def test_a_test_cut_between_its_rows_is_not_passed_and_not_merged(tmp_path):
+    """COCO's rows cut after ROUGE_L, before CIDEr (its primary): --resume used to count the test
+    as passed and never run it again, and results.csv held it without its primary metric."""
+    base = {column: "" for column in CSV_COLUMNS} | {
+        "run_id": "r1", "timestamp": "2026-01-01T00:00:01", "config_hash": "h", "model": "llava-tiny",
+        "status": "passed", "worker": "main"}
+    coco = "benchmarks/test_coco_caption.py::test_coco_caption[llava-tiny-fp16]"
+    cut = [dict(base, test_id=coco, task="coco_caption", metric=metric, value="0.5", primary="false")
+           for metric in ("Bleu_4", "METEOR", "ROUGE_L")]                       # CIDEr never written
+    whole = [dict(base, test_id="benchmarks/test_vqav2.py::test_vqav2[llava-tiny-fp16]", task="vqav2",
+                  metric="accuracy", value="93.0", primary="true")]
+    _write_part(tmp_path / "parts" / "results-main.csv", whole + cut)
+    run = RunDir(tmp_path)
+    assert run.passed_keys() == {("h", "llava-tiny", "vqav2")}
+    merged = run.merge()
+    assert [row["task"] for row in read_rows(tmp_path / "results.csv")] == ["vqav2"]
+    assert any(coco in problem and "not its primary one" in problem for problem in merged.problems), merged.problems

@@ -93,3 +93,28 @@ def test_nothing_usable_or_output_among_shards_exits_2_with_one_line(tmp_path):
         assert result.returncode == 2
         assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0
         assert named in result.stderr
+
+
+# -- issue 21: a damaged results.csv is rebuilt from parts/; no JUnit testcase twice -------------
+def test_a_shard_with_a_damaged_results_csv_is_rebuilt_from_its_parts(tmp_path):
+    shard = make_shard(tmp_path / "s1", {"rtn": (90.0, "2026-01-01T10:00:00+00:00"),
+                                         "awq": (80.0, "2026-01-01T10:00:01+00:00")})
+    (shard / "parts").mkdir()
+    (shard / "results.csv").replace(shard / "parts" / "results-main.csv")
+    (shard / "results.csv").write_bytes(b"\x00\xff garbage, not the merged file")
+    other = make_shard(tmp_path / "s2", {"gptq": (93.0, "2026-01-01T10:00:00+00:00")})
+
+    warnings = merge_runs(tmp_path / "out", [shard, other])
+
+    assert sorted(row["config"] for row in read_rows(tmp_path / "out" / "results.csv")) == ["awq", "gptq", "rtn"]
+    assert any("results.csv damaged" in warning and "rebuilt from parts/" in warning for warning in warnings)
+
+
+def test_merging_a_shard_twice_lists_each_testcase_once(tmp_path):
+    shard = make_shard(tmp_path / "s1", {"rtn": (90.0, "2026-01-01T10:00:00+00:00"),
+                                         "awq": (80.0, "2026-01-01T10:00:01+00:00")})
+    merge_runs(tmp_path / "out", [shard, shard])
+    suites = ElementTree.parse(tmp_path / "out" / "junit.xml").getroot()
+    names = [case.get("name") for case in suites.iter("testcase")]
+    assert sorted(names) == ["t[awq]", "t[rtn]"] and suites.get("tests") == "2", ElementTree.tostring(suites)
+    assert sum(int(suite.get("tests")) for suite in suites.findall("testsuite")) == 2
