@@ -148,7 +148,7 @@ class RunDir:
             self._lock.release()
             self._lock = None
 
-    def start(self, resume_id: str | None = None) -> str | None:
+    def start(self, resume_id: str | None = None) -> Path | None:
         """A new run moves what an earlier run left here to previous/<its run id>/ and returns
         that folder (None when there was nothing): otherwise a run stopped early would leave the
         old results.csv, report.html, plots and sample logs looking like its own. A resumed run
