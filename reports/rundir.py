@@ -10,6 +10,8 @@
                                        appended and synced after every test; a resumed run
                                        writes results-<worker>.<run id>.csv beside them
       .run.lock, .run-owner.json       held by the run writing here: a second run is refused
+      run-identity.json                per task the split, data source and limit, per model its
+                                       spec: what a --resume into this dir must match
       baselines/<model>--<task>.json   the FP result of (model, task) and the batch size every
                                        config of it uses, computed once per run by whichever
                                        worker needs it first (under a file lock)
