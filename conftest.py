@@ -355,9 +355,10 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     terminalreporter.write_line(f"results: {_run_dir(config).results_csv} ({len(finished.rows)} rows)")
     if MOVED_ASIDE in config.stash:
         terminalreporter.write_line(_moved_aside_line(config))
-    # Skips and their reasons (a missing model or dataset) by default, not only with -rs.
-    for line in skipped_summary(terminalreporter.stats.get("skipped", [])):
-        terminalreporter.write_line(line)
+    # Skips and their reasons (a missing model or dataset) by default; -rs lists them itself.
+    if "s" not in terminalreporter.reportchars:
+        for line in skipped_summary(terminalreporter.stats.get("skipped", [])):
+            terminalreporter.write_line(line)
     for problem in finished.problems:
         terminalreporter.write_line(f"merge: {problem}")
     if finished.plot_error:

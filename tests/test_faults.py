@@ -157,14 +157,15 @@ def test_merge_keeps_the_latest_attempt_of_each_test(tmp_path):
     run = RunDir(tmp_path)
     base = {column: "" for column in CSV_COLUMNS}
     first = dict(base, run_id="r1", timestamp="2026-01-01T00:00:01", test_id="t", config_hash="h", metric="m",
-                 status="failed", worker="gw0", value="1")
+                 primary="true", status="failed", worker="gw0", value="1")
     crash = dict(base, run_id="r1", timestamp="2026-01-01T00:00:02", test_id="u", config_hash="h", status="crashed",
                  worker="gw1")
     other = dict(first, test_id="v", status="passed")
     _write_part(tmp_path / "parts" / "results-gw0.csv", [first, other])
     _write_part(tmp_path / "parts" / "results-main.csv", [crash])
     again = dict(first, run_id="r2", timestamp="2026-01-01T01:00:00", status="passed", value="2")
-    again_crash = dict(crash, run_id="r2", timestamp="2026-01-01T01:00:01", status="passed", metric="m", value="3")
+    again_crash = dict(crash, run_id="r2", timestamp="2026-01-01T01:00:01", status="passed", metric="m", primary="true",
+                       value="3")
     _write_part(tmp_path / "parts" / "results-gw0.r2.csv", [again, again_crash])
     merged = run.merge()
     assert not merged.problems
