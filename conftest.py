@@ -3,6 +3,7 @@ options -> a Session (fixtures/runtime/session.py), the grid -> parameters and m
 report -> a recorded row. State lives in pytest's stash, on the config and on each item."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import uuid
@@ -17,9 +18,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from fixtures.adapters.base import ModelMissing  # noqa: E402
-from fixtures.runtime.grid import Grid, GridError, load_grid, schedule_order  # noqa: E402
-from fixtures.runtime.invocation import join_option_values  # noqa: E402
-from fixtures.runtime.session import CaseResult, Session  # noqa: E402
+from fixtures.runtime.grid import Grid, GridError, check_layer_ranges, load_grid, schedule_order  # noqa: E402
+from fixtures.runtime.invocation import (OptionError, check_cache_dir, check_device, check_limit,  # noqa: E402
+                                         join_option_values)
+from fixtures.runtime.session import (CaseResult, FinishedRun, Session, StopSignals, finish_run,  # noqa: E402
+                                      run_identity, skipped_summary)
 from fixtures.runtime.shard import Shard, in_shard, parse_shard  # noqa: E402
 from quantizers.config import ACTIVATION_BITS, COMPONENT_NAMES, MAX_BITS, MIN_BITS  # noqa: E402
 from quantizers.methods import all_methods  # noqa: E402
@@ -34,15 +37,14 @@ DEFAULT_GRID = ROOT / "benchmarks" / "grids" / "default.yaml"
 GRID = pytest.StashKey[Grid]()
 SESSION = pytest.StashKey[Session]()
 RUN_ID = pytest.StashKey[str]()
-FINAL_ROWS = pytest.StashKey[list]()
-PLOT_ERROR = pytest.StashKey[str]()
+FINISHED = pytest.StashKey[FinishedRun]()
 OUTCOME = pytest.StashKey[CaseResult]()
 RUN_DIR = pytest.StashKey[RunDir]()
 SHARD = pytest.StashKey[Shard]()
 RESUME_DONE = pytest.StashKey[set]()       # (config_hash, model, task) that passed before --resume
-MERGE_PROBLEMS = pytest.StashKey[list]()
-REPORT_ERROR = pytest.StashKey[str]()
 NOT_RECORDED = pytest.StashKey[bool]()
+STOP = pytest.StashKey[StopSignals]()
+MOVED_ASIDE = pytest.StashKey[Path]()       # where a new run put what an earlier run left in its dir
 DEFAULT_REPORT_DIR = ROOT / "reports-out"
 # The suite's options that take a value: handed to xdist workers as --option=value
 # (fixtures/runtime/invocation.py says why).
@@ -110,19 +112,31 @@ def _register_marks(config: pytest.Config, grid: Grid) -> None:
         config.addinivalue_line("markers", f"{name}: {help_text}")
 
 
+def _cuda_devices() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
+    """Everything a run could fail on for its options or its grid fails here, before any test,
+    as one usage error line (exit 4)."""
     try:
         grid = load_grid(Path(config.getoption("--grid")))
-    except GridError as err:
+        check_device(config.getoption("--device"), _cuda_devices())
+        check_limit(config.getoption("--limit"))
+        if config.getoption("--shard"):
+            config.stash[SHARD] = parse_shard(config.getoption("--shard"))
+        if not _is_worker(config) and _runs_benchmarks(config):
+            check_layer_ranges(grid, ROOT)
+            if not config.getoption("--collect-only"):
+                check_cache_dir(Path(config.getoption("--cache-dir")))
+    except (GridError, OptionError, ValueError) as err:
         raise pytest.UsageError(str(err)) from None
     config.stash[GRID] = grid
     _register_marks(config, grid)
-    if config.getoption("--shard"):
-        try:
-            config.stash[SHARD] = parse_shard(config.getoption("--shard"))
-        except ValueError as err:
-            raise pytest.UsageError(str(err)) from None
+    if _is_worker(config) or _runs_benchmarks(config):
+        config.stash[STOP] = StopSignals()
+        config.stash[STOP].install()
     if _is_worker(config):
         config.stash[RUN_ID] = config.workerinput["vqb_run_id"]
         config.stash[RESUME_DONE] = {tuple(key) for key in config.workerinput["vqb_resume_done"]}
@@ -142,9 +156,10 @@ def _claim_run_dir(config: pytest.Config, run_id: str) -> None:
     resume = bool(config.getoption("--resume"))
     run_dir = RunDir(_report_root(config), run_id if resume else "")
     config.stash[RUN_DIR] = run_dir
+    identity = run_identity(config.stash[GRID].cases, config.getoption("--limit"))
     try:
-        if resume and not (run_dir.results_csv.exists() or any(run_dir.parts.glob("results-*.csv"))):
-            raise RunDirError(f"--resume {run_dir.root}: nothing to resume, no results.csv or parts/results-*.csv")
+        if resume:
+            run_dir.check_resumable(identity)
         config.stash[RESUME_DONE] = run_dir.passed_keys() if resume else set()
         if config.getoption("--collect-only"):      # writes nothing: leaves the dir to its owner
             return
@@ -152,7 +167,10 @@ def _claim_run_dir(config: pytest.Config, run_id: str) -> None:
         run_dir.claim(run_id)
     except RunDirError as err:
         raise pytest.UsageError(str(err)) from None
-    run_dir.start(run_id if resume else None)
+    moved = run_dir.start(run_id if resume else None)
+    if moved:
+        config.stash[MOVED_ASIDE] = moved
+    run_dir.write_identity(identity)
     if not config.option.xmlpath:
         config.option.xmlpath = str(run_dir.junit_xml)
 
@@ -160,6 +178,19 @@ def _claim_run_dir(config: pytest.Config, run_id: str) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     if RUN_DIR in config.stash:
         config.stash[RUN_DIR].release()
+    if STOP in config.stash:
+        config.stash[STOP].restore()
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    if MOVED_ASIDE in config.stash:
+        return [f"vlm-quant-bench: {_moved_aside_line(config)}"]
+    return []
+
+
+def _moved_aside_line(config: pytest.Config) -> str:
+    moved = config.stash[MOVED_ASIDE]
+    return f"an earlier run's results in {moved.parent.parent} were moved to {moved}"
 
 
 def pytest_configure_node(node) -> None:  # xdist: what every worker (and its replacement) shares
@@ -172,14 +203,12 @@ def pytest_configure_node(node) -> None:  # xdist: what every worker (and its re
 
 def _pick_device(config: pytest.Config) -> torch.device:
     """Round-robin xdist workers over visible GPUs; CPU when there are none."""
-    choice = config.getoption("--device")
+    choice = config.getoption("--device")     # checked in pytest_configure
     if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
+        choice = "cuda" if _cuda_devices() else "cpu"
     if choice == "cuda":
         index = int(re.sub(r"\D", "", _worker_id(config)) or 0)
-        return torch.device(f"cuda:{index % torch.cuda.device_count()}")
-    if choice.startswith("cuda") and not torch.cuda.is_available():
-        raise pytest.UsageError(f"--device {choice}: no CUDA device visible")
+        return torch.device(f"cuda:{index % _cuda_devices()}")
     return torch.device(choice)
 
 
@@ -306,38 +335,36 @@ def _test_id(item: pytest.Item) -> str:
     return item.nodeid[:-len(suffix)] if group and item.nodeid.endswith(suffix) else item.nodeid
 
 
-def pytest_sessionfinish(session: pytest.Session) -> None:
+@pytest.hookimpl(wrapper=True)
+def pytest_sessionfinish(session: pytest.Session):
+    """After every plugin's session end (junit.xml included), merge the results; signals are
+    held meanwhile, so a second Ctrl-C or SIGTERM cannot cut the final writes short."""
     config = session.config
-    if _is_worker(config) or not _runs_benchmarks(config) or config.getoption("--collect-only"):
-        return
-    run_dir = _run_dir(config)
-    merged = run_dir.merge()
-    if merged is None:
-        return
-    config.stash[FINAL_ROWS] = merged.rows
-    config.stash[MERGE_PROBLEMS] = merged.problems
-    try:
-        from reports.plots import plot_results
-        plot_results(merged.rows, run_dir.plots)
-    except Exception as err:  # plots are a convenience: never lose the CSV over one
-        config.stash[PLOT_ERROR] = str(err)
-    try:
-        from reports.html import write_report
-        write_report(run_dir.root)
-    except Exception as err:  # so is the page
-        config.stash[REPORT_ERROR] = str(err)
+    stop = config.stash.get(STOP, None)
+    with stop.holding() if stop else contextlib.nullcontext():
+        outcome = yield
+        if not (_is_worker(config) or not _runs_benchmarks(config) or config.getoption("--collect-only")):
+            config.stash[FINISHED] = finish_run(_run_dir(config))
+    return outcome
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
-    rows = config.stash.get(FINAL_ROWS, None)
-    if rows is None:
+    finished = config.stash.get(FINISHED, None)
+    if finished is None:
         return
     terminalreporter.section("vlm-quant-bench")
-    terminalreporter.write_line(format_summary(rows))
-    terminalreporter.write_line(f"results: {_run_dir(config).results_csv}")
-    for problem in config.stash.get(MERGE_PROBLEMS, []):
+    if finished.rows:
+        terminalreporter.write_line(format_summary(finished.rows))
+    terminalreporter.write_line(f"results: {_run_dir(config).results_csv} ({len(finished.rows)} rows)")
+    if MOVED_ASIDE in config.stash:
+        terminalreporter.write_line(_moved_aside_line(config))
+    # Skips and their reasons (a missing model or dataset) by default; -rs lists them itself.
+    if "s" not in terminalreporter.reportchars:
+        for line in skipped_summary(terminalreporter.stats.get("skipped", [])):
+            terminalreporter.write_line(line)
+    for problem in finished.problems:
         terminalreporter.write_line(f"merge: {problem}")
-    if PLOT_ERROR in config.stash:
-        terminalreporter.write_line(f"plots skipped: {config.stash[PLOT_ERROR]}")
-    if REPORT_ERROR in config.stash:
-        terminalreporter.write_line(f"report.html skipped: {config.stash[REPORT_ERROR]}")
+    if finished.plot_error:
+        terminalreporter.write_line(f"plots skipped: {finished.plot_error}")
+    if finished.report_error:
+        terminalreporter.write_line(f"report.html skipped: {finished.report_error}")

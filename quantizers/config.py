@@ -54,7 +54,18 @@ class MethodParams:
             kinds = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}.get(str(expected), (object,))
             if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
                 raise ConfigError(f"{where}: parameter {name} must be {expected}, got {value!r}")
-        return cls(**raw)
+        params = cls(**raw)
+        params.validate(where)
+        return params
+
+    def validate(self, where: str) -> None:
+        """Check the values, not only their types (a negative damping, an empty search range);
+        a method's Params overrides this and raises ConfigError naming `where` and the field."""
+
+    def _require(self, where: str, name: str, ok: bool, rule: str) -> None:
+        """For validate(): raise unless ok, naming the parameter, the rule and the value."""
+        if not ok:
+            raise ConfigError(f"{where}: parameter {name} must be {rule}, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 python -m reports {compare,same,summary,plot,table,html,merge}.
 
 Exit codes are meant for CI: 0 fine, 1 a regression was found (compare),
-2 the input could not be used (missing or malformed CSV, bad arguments).
+2 the input could not be used (missing or malformed CSV, bad arguments),
+3 (compare) no regression, but the head lacks primary metrics the base has: missing
+(unless --allow-removed), without a numeric value, or lost to damaged records.
 """
 
 from __future__ import annotations
@@ -17,6 +19,18 @@ from reports.csv_log import read_rows
 EXIT_OK = 0
 EXIT_REGRESSION = 1
 EXIT_BAD_INPUT = 2
+EXIT_HEAD_INCOMPLETE = 3
+
+
+def _tolerance(text: str) -> float:
+    """A worsening allowed: a negative one would call unchanged values improvements."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:      # also NaN
+        raise argparse.ArgumentTypeError(f"must be >= 0 (in the metric's own units), got {text!r}")
+    return value
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -34,17 +48,23 @@ def _build_parser() -> argparse.ArgumentParser:
             "markdown report for a PR comment. A regression is a drop beyond the tolerance "
             "whose paired bootstrap interval excludes zero (when both are run dirs with "
             "per-sample logs; otherwise the tolerance alone). Exits 1 on a regression, "
-            "0 otherwise, 2 if an input cannot be used."
+            "3 when the head lacks primary metrics of the base (missing, non-numeric, or lost "
+            "to damage), 0 otherwise, 2 if an input cannot be used."
         ),
     )
     compare.add_argument("base", metavar="BASE", help="reference run: a results CSV or a run dir")
     compare.add_argument("head", metavar="HEAD", help="run under test: a results CSV or a run dir")
     compare.add_argument(
         "--tolerance",
-        type=float,
+        type=_tolerance,
         default=1.0,
         metavar="X",
-        help="largest allowed worsening, in the metric's own units (default: 1.0)",
+        help="largest allowed worsening, in the metric's own units, >= 0 (default: 1.0)",
+    )
+    compare.add_argument(
+        "--allow-removed",
+        action="store_true",
+        help="configs the base has and the head does not are intended removals, not missing results",
     )
 
     same = commands.add_parser(
@@ -116,7 +136,7 @@ def _build_parser() -> argparse.ArgumentParser:
     html.add_argument("--base", metavar="BASE", help="compare against this run (run dir or CSV)")
     html.add_argument("-o", "--output", metavar="FILE",
                       help="where to write the page (default: RUN/report.html, or next to the CSV)")
-    html.add_argument("--tolerance", type=float, default=1.0, metavar="X",
+    html.add_argument("--tolerance", type=_tolerance, default=1.0, metavar="X",
                       help="tolerance of the compare section (default: 1.0)")
 
     merge = commands.add_parser(
@@ -150,9 +170,16 @@ def _run(args: argparse.Namespace) -> int:
         from reports.runs import load_run
 
         base, head = load_run(args.base), load_run(args.head)
-        comparison = compare_runs(base, head, args.tolerance)
+        comparison = compare_runs(base, head, args.tolerance, args.allow_removed)
         print(format_markdown(comparison, base.describe(), head.describe()))
-        return EXIT_REGRESSION if comparison.regressed else EXIT_OK
+        if comparison.head_missing:
+            print(f"\n#### Missing or damaged in head ({len(comparison.head_missing)})\n")
+            print("\n".join(f"- {line}" for line in comparison.head_missing))
+            print(f"error: head lacks {len(comparison.head_missing)} primary result(s) of the base "
+                  f"(first: {comparison.head_missing[0]})", file=sys.stderr)
+        if comparison.regressed:
+            return EXIT_REGRESSION
+        return EXIT_HEAD_INCOMPLETE if comparison.head_missing else EXIT_OK
     if args.command == "html":
         from reports.html import write_report
 

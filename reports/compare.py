@@ -87,10 +87,18 @@ class Comparison:
     findings: list[Finding]
     tolerance: float
     problems: list[str] = field(default_factory=list)   # damaged inputs, unusable sample logs
+    # What the head lacks against the base, one line each: a primary metric without a numeric
+    # value (failed, crashed, garbage), records lost to damage, and (unless removals are allowed)
+    # metrics the base has and the head does not. Any of it makes the compare exit non-zero.
+    head_missing: list[str] = field(default_factory=list)
 
     @property
     def regressed(self) -> bool:
         return any(finding.verdict == REGRESSION for finding in self.findings)
+
+    @property
+    def incomplete(self) -> bool:
+        return bool(self.head_missing)
 
     def having(self, verdict: str) -> list[Finding]:
         return [finding for finding in self.findings if finding.verdict == verdict]
@@ -105,8 +113,7 @@ def _latest_by_key(rows: Sequence[dict[str, str]]) -> dict[MatchKey, Measured]:
         # shows as added/removed rather than as a number.
         if not is_primary(row) or value is None:
             continue
-        key = (row.get("model", ""), row.get("task", ""), row.get("config_hash", ""), row.get("metric", ""))
-        latest[key] = Measured(dict(row), value)
+        latest[_key(row)] = Measured(dict(row), value)
     return latest
 
 
@@ -122,8 +129,11 @@ def _interval(base_run: Run, head_run: Run, key: MatchKey, base: Measured, head:
     sides = []
     for run, measured in ((base_run, base), (head_run, head)):
         n_samples = parse_float(measured.row.get("n_samples"))
-        scores, note = read_sample_scores(run.samples_path(model, task, measured.config), fields,
-                                          measured.value, None if n_samples is None else int(n_samples))
+        path = run.samples_path(model, task, measured.config)
+        if path is None:      # a row naming a path (../x) is data, never followed
+            return None, "tolerance only: the row's model, task or config is not a plain file name"
+        scores, note = read_sample_scores(path, fields, measured.value,
+                                          None if n_samples is None else int(n_samples))
         if note:
             problems.append(note)
         if scores is None:
@@ -154,8 +164,32 @@ def _judge(base_run: Run, head_run: Run, key: MatchKey, base: Measured | None, h
     return Finding(key, REGRESSION if gain < 0 else IMPROVEMENT, base, head, evidence, interval)
 
 
-def compare_runs(base_run: Run, head_run: Run, tolerance: float = 1.0) -> Comparison:
+def _key(row: dict[str, str]) -> MatchKey:
+    return row.get("model", ""), row.get("task", ""), row.get("config_hash", ""), row.get("metric", "")
+
+
+def _head_missing(base: dict[MatchKey, Measured], head: dict[MatchKey, Measured], head_run: Run,
+                  allow_removed: bool) -> list[str]:
+    """What the head lacks of the base's primary metrics (see Comparison.head_missing)."""
+    without_value = {_key(row): row for row in head_run.rows if is_primary(row) and _key(row) not in head}
+    missing = []
+    for key in sorted(set(base) - set(head)):
+        model, task, _hash, metric = key
+        label = f"{base[key].config} {model} {task} {metric}"
+        row = without_value.get(key)
+        if row is not None:
+            shown = f"value {row.get('value')!r}" if row.get("value") else "no value"
+            missing.append(f"{label}: {shown} in head (status {row.get('status') or '?'})")
+        elif not allow_removed:
+            missing.append(f"{label}: not in head (pass --allow-removed if the config was dropped on purpose)")
+    missing += [f"head input damaged: {problem}" for problem in head_run.lost]
+    return missing
+
+
+def compare_runs(base_run: Run, head_run: Run, tolerance: float = 1.0, allow_removed: bool = False) -> Comparison:
     """Match the primary metrics of two runs and judge each (see the module docstring)."""
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0 (a worsening allowed, in the metric's units), got {tolerance:g}")
     base, head = _latest_by_key(base_run.rows), _latest_by_key(head_run.rows)
     problems = [f"base: {text}" for text in base_run.problems] + [f"head: {text}" for text in head_run.problems]
 
@@ -167,7 +201,7 @@ def compare_runs(base_run: Run, head_run: Run, tolerance: float = 1.0) -> Compar
 
     findings = [_judge(base_run, head_run, key, base.get(key), head.get(key), tolerance, problems)
                 for key in sorted(set(base) | set(head), key=reading_order)]
-    return Comparison(findings, tolerance, problems)
+    return Comparison(findings, tolerance, problems, _head_missing(base, head, head_run, allow_removed))
 
 
 def compare(base_rows: Sequence[dict[str, str]], head_rows: Sequence[dict[str, str]],

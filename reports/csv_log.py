@@ -13,10 +13,11 @@ import io
 import os
 import tempfile
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from reports.schema import CSV_COLUMNS, OPTIONAL_COLUMNS, STATUSES, format_cell
+from reports.schema import CSV_COLUMNS, OPTIONAL_COLUMNS, STATUSES, format_cell, parse_bool
 
 # The csv module ends records with \r\n; we read and write with newline=""
 # so that the module, not the platform, controls line endings.
@@ -50,16 +51,26 @@ class PartWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write_rows(self, rows: Iterable[Mapping[str, object]]) -> None:
-        """Append all rows of one test, then flush them to disk."""
+        """Append all rows of one test in one write, then flush them to disk. A write cut short
+        all the same (a full disk, a kill inside the system call) leaves the test without its
+        last rows; whole_attempts() tells such a test by its missing primary row, which the
+        session writes last."""
         is_new, torn_tail = self._inspect_existing()
-        with open(self.path, "a", newline="", encoding="utf-8") as handle:
-            if torn_tail:
-                # A writer killed mid-line left no line ending; without one our
-                # first row would be glued onto the torn fragment and lost too.
-                handle.write("\r\n")
-            _write_csv(handle, rows, with_header=is_new)
-            handle.flush()
-            os.fsync(handle.fileno())
+        block = io.StringIO(newline="")
+        if torn_tail:
+            # A writer killed mid-line left no line ending; without one our
+            # first row would be glued onto the torn fragment and lost too.
+            block.write("\r\n")
+        _write_csv(block, rows, with_header=is_new)
+        data = block.getvalue().encode("utf-8")
+        descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(descriptor, data[written:])
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
     def _inspect_existing(self) -> tuple[bool, bool]:
         """Return (file is new or empty, file ends in a torn line)."""
@@ -174,6 +185,31 @@ def latest_attempts(rows: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
             seen.add(metric_key)
             kept.append(dict(row))
     return kept
+
+
+def whole_attempts(rows: Sequence[Mapping[str, str]]) -> tuple[list[dict[str, str]], list[str]]:
+    """The rows of every whole attempt, and one problem line per torn one.
+
+    An attempt (one test, run id, worker and timestamp) with metric rows is whole only when its
+    primary row is among them: a test's rows are appended in one write that ends with the
+    primary row, so a part cut inside that write (a killed worker, a full disk) keeps the first
+    metrics and loses it. A torn attempt must not count as passed (--resume would never run it
+    again) nor stand in the results with metrics missing. A bare row (a failure before any
+    metric) is whole by itself."""
+    def attempt(row: Mapping[str, str]) -> tuple[str, ...]:
+        return row["test_id"], row["config_hash"], row["run_id"], row["worker"], row["timestamp"]
+
+    has_primary: dict[tuple[str, ...], bool] = {}
+    counts: Counter = Counter()
+    for row in rows:
+        key = attempt(row)
+        counts[key] += 1
+        has_primary[key] = has_primary.get(key, False) or not row["metric"] or parse_bool(row["primary"]) is True
+    torn = [key for key, whole in has_primary.items() if not whole]
+    problems = [f"{test_id}: attempt of run {run_id or '?'} on {worker or '?'} has {counts[key]} metric row(s) "
+                f"and not its primary one (cut while written): left out; --resume runs it again"
+                for key in torn for test_id, _hash, run_id, worker, _when in [key]]
+    return [dict(row) for row in rows if has_primary[attempt(row)]], problems
 
 
 def merge_parts(part_paths: Sequence[str | os.PathLike[str]], out_path: str | os.PathLike[str]) -> int:

@@ -27,6 +27,7 @@ class Run:
     rows: list[dict[str, str]]
     root: Path | None = None            # the run dir, when given one (per-sample logs, junit.xml)
     problems: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)   # the problems that cost rows (torn records, parts)
 
     def describe(self) -> str:
         """Where the rows came from and which run(s) made them, for a report's header."""
@@ -37,9 +38,14 @@ class Run:
                 f"device {distinct('device')}, {len(self.rows)} rows)")
 
     def samples_path(self, model: str, task: str, config: str) -> Path | None:
-        if self.root is None:
+        """None also for names that are not plain file names: rows are data, never paths."""
+        if self.root is None or not all(_plain_name(name) for name in (model, task, config)):
             return None
         return self.root / "samples" / model / task / f"{config}.jsonl"
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and not any(char in name for char in "/\\\0")
 
 
 def read_csv_tolerantly(path: Path) -> tuple[list[dict[str, str]], list[str]]:
@@ -66,32 +72,46 @@ def load_run(path: str | Path) -> Run:
     rows, problems = read_csv_tolerantly(path)
     if not rows:
         raise UnusableInput(f"{path}: no results rows ({'; '.join(problems) or 'only a header'})")
-    return Run(path, rows, None, problems)
+    return Run(path, rows, None, problems, list(problems))
 
 
 def _load_run_dir(root: Path) -> Run:
+    """Its results.csv; when that is missing or damaged (torn records, not a results CSV at all)
+    and the parts/ its run merged it from are there, the rows rebuilt from the parts as the
+    session end builds them (each whole test once, its latest attempt)."""
     results = root / "results.csv"
+    rows: list[dict[str, str]] = []
+    damage: list[str] = []
     if results.is_file():
-        rows, problems = read_csv_tolerantly(results)
-        if not rows:
-            raise UnusableInput(f"{results}: no results rows ({'; '.join(problems) or 'only a header'})")
-        return Run(results, rows, root, problems)
-    # A run that died before its session end never merged its parts; they hold what it measured.
-    parts = sorted((root / "parts").glob("results-*.csv"))
-    if not parts:
-        raise UnusableInput(f"{root}: a directory without results.csv or parts/results-*.csv")
-    rows, problems = [], [f"{root}: no results.csv, read {len(parts)} part file(s) instead"]
-    for part in parts:
         try:
-            part_rows, part_problems = read_csv_tolerantly(part)
+            rows, problems = read_csv_tolerantly(results)
+            if rows and not problems:
+                return Run(results, rows, root, [])
+            damage = problems or [f"{results}: no results rows"]
         except UnusableInput as error:
-            problems.append(f"skipped: {error}")
-            continue
-        rows += part_rows
-        problems += part_problems
-    if not rows:
-        raise UnusableInput(f"{root}: no readable results in parts/ ({'; '.join(problems[1:]) or 'all empty'})")
-    return Run(root / "parts", rows, root, problems)
+            rows, damage = [], [str(error)]
+    rebuilt = _rows_from_parts(root)
+    if rebuilt is not None:
+        rows_from_parts, part_problems = rebuilt
+        note = (f"{results} damaged ({'; '.join(damage)}): rebuilt from parts/" if damage
+                else f"{root}: no results.csv, rebuilt from parts/")
+        lost = [problem for problem in part_problems if not problem.endswith("empty part file skipped")]
+        return Run(root / "parts", rows_from_parts, root, [note, *part_problems], lost)
+    if rows:
+        return Run(results, rows, root, damage, list(damage))
+    if damage:
+        raise UnusableInput("; ".join(damage) + " (and no parts/ to rebuild it from)")
+    raise UnusableInput(f"{root}: a directory without results.csv or parts/results-*.csv")
+
+
+def _rows_from_parts(root: Path) -> tuple[list[dict[str, str]], list[str]] | None:
+    """(rows, problems) merged from parts/ like the session end does; None without usable parts."""
+    from reports.rundir import RunDir     # rundir imports this module's neighbours; import late
+
+    if not any((root / "parts").glob("results-*.csv")):
+        return None
+    merged = RunDir(root).recorded()
+    return (merged.rows, merged.problems) if merged.rows else None
 
 
 def read_jsonl_tolerantly(path: Path) -> tuple[list[dict], list[str]]:

@@ -16,13 +16,18 @@ compare it only between runs on the same images. SPICE is not computed (UNAVAILA
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import re
 import shutil
+import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Hashable
 
+import psutil
 from PIL import Image
 
 from tasks.base import (DataError, DataMissing, LazyImage, TaskResult, generate_replies, karpathy_sentences, load_hf_rows,
@@ -66,6 +71,52 @@ def require_java() -> None:
                            "default-jre-headless) or deselect the task with -m 'not coco_caption'.")
 
 
+def _meteor_score(meteor_class, gts, res) -> float:
+    """METEOR from a Java child that is ended whatever happens. pycocoevalcap's Meteor holds a
+    lock while it waits for the child and releases it only on success; its __del__ takes the same
+    lock, so after a Ctrl-C or SIGTERM in the wait, collecting the object hung the process with
+    the child alive (until a second Ctrl-C). Here the child is killed in any case and __del__
+    is given a free lock, so it has nothing left to wait for."""
+    meteor = meteor_class()
+    try:
+        return float(meteor.compute_score(gts, res)[0])
+    finally:
+        _end_child(meteor.meteor_p)
+        meteor.lock = threading.Lock()
+
+
+def _end_child(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.kill()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:   # a killed process that is not reaped in 10 s: leave it to init
+        pass
+    for stream in (process.stdin, process.stdout, process.stderr):
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:       # a pipe the dead child left half-written
+                pass
+
+
+@contextlib.contextmanager
+def _java_children_ended():
+    """On an interruption (Ctrl-C, SIGTERM turned into one by the runtime, any error), kill the
+    Java children this process started for scoring (PTBTokenizer's, METEOR's), so none outlives
+    the run. Only `java` processes: xdist workers are children of the main process too."""
+    try:
+        yield
+    except BaseException:
+        for child in psutil.Process().children(recursive=True):
+            try:
+                if "java" in os.path.basename((child.cmdline() or [""])[0]):
+                    child.kill()
+            except psutil.Error:     # already gone, or not ours to inspect
+                continue
+        raise
+
+
 def caption_scores(predictions: dict[Hashable, str], references: dict[Hashable, list[str]]) -> dict:
     """COCO caption metrics of one prediction per image against that image's references.
 
@@ -86,13 +137,14 @@ def caption_scores(predictions: dict[Hashable, str], references: dict[Hashable, 
     if empty:
         raise ValueError(f"caption_scores: no references for image id(s) {empty[:5]}")
     tokenizer = PTBTokenizer()
-    gts = tokenizer.tokenize({k: [{"caption": _one_line(c)} for c in refs] for k, refs in references.items()})
-    res = tokenizer.tokenize({k: [{"caption": _one_line(predictions[k])}] for k in references})
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    scores = {f"Bleu_{n}": float(value) for n, value in enumerate(bleu, start=1)}
-    scores["METEOR"] = float(Meteor().compute_score(gts, res)[0])
-    scores["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
-    scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    with _java_children_ended():
+        gts = tokenizer.tokenize({k: [{"caption": _one_line(c)} for c in refs] for k, refs in references.items()})
+        res = tokenizer.tokenize({k: [{"caption": _one_line(predictions[k])}] for k in references})
+        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+        scores = {f"Bleu_{n}": float(value) for n, value in enumerate(bleu, start=1)}
+        scores["METEOR"] = _meteor_score(Meteor, gts, res)
+        scores["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
+        scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
     scores.update({name: float("nan") for name in UNAVAILABLE_METRICS})
     return scores
 

@@ -13,6 +13,13 @@ recorded (after the call), as a crash in a real evaluation would land:
                                     HOLD_LIMIT_S seconds, then the test fails)
     VQB_FAULT_INTERRUPT_AT=<text>   the process running that test gets SIGINT (Ctrl-C)
     VQB_FAULT_FAIL_AT=<text>        that test fails
+    VQB_FAULT_SIGNAL_AT=<SIG>:<text>   the process running that test sends itself signal SIG
+                                    (INT, TERM), as `kill` or a batch scheduler would
+    VQB_FAULT_SIGNAL_IN_METEOR=<SIG>   the process sends itself SIG while COCO's METEOR scoring
+                                    waits on its Java child (pycocoevalcap holds its lock then):
+                                    at the first line it reads from the child. With
+                                    VQB_FAULT_SIGNAL_LOG=<file>, it writes there the time it sent
+                                    the signal and the Java child's pid, as JSON
 
 Why a hold: pytest-xdist 3.8.0 gives a worker that joins after the start one unit of work from
 what is left, and none when the other workers emptied the queue while it was starting (the
@@ -25,6 +32,7 @@ rows. The main process raises the flag from pytest_xdist_node_collection_finishe
 calls before it schedules the new worker; the held worker's next report is handled only after
 that, so the replacement gets its test before the held worker can take the rest.
 """
+import json
 import os
 import shutil
 import signal
@@ -55,6 +63,41 @@ def _original_worker() -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     if os.environ.get("VQB_FAULT_HOLD_AT") and not hasattr(config, "workerinput"):
         config.stash[HOLD_FLAG] = Path(tempfile.mkdtemp(prefix="vqb-fault-")) / "replacement-joined"
+    if os.environ.get("VQB_FAULT_SIGNAL_IN_METEOR"):
+        _signal_in_meteor(getattr(signal, "SIG" + os.environ["VQB_FAULT_SIGNAL_IN_METEOR"]))
+
+
+class _SignallingPipe:
+    """METEOR's stdout pipe: the first readline sends the signal, then reads as usual. The
+    signal's handler runs right there, inside Meteor.compute_score, with its lock held and its
+    Java child alive: where a real Ctrl-C lands while METEOR computes."""
+
+    def __init__(self, pipe, number: int, child_pid: int):
+        self._pipe, self._number, self._child_pid, self._sent = pipe, number, child_pid, False
+
+    def readline(self, *args):
+        if not self._sent:
+            self._sent = True
+            log = os.environ.get("VQB_FAULT_SIGNAL_LOG")
+            if log:
+                Path(log).write_text(json.dumps({"sent": time.time(), "java_pid": self._child_pid}))
+            os.kill(os.getpid(), self._number)
+        return self._pipe.readline(*args)
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+
+def _signal_in_meteor(number: int) -> None:
+    from pycocoevalcap.meteor import meteor
+
+    original_init = meteor.Meteor.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.meteor_p.stdout = _SignallingPipe(self.meteor_p.stdout, number, self.meteor_p.pid)
+
+    meteor.Meteor.__init__ = init
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -101,5 +144,8 @@ def pytest_runtest_call(item: pytest.Item) -> None:
         _hold_until_replaced(item)
     if _matches("VQB_FAULT_INTERRUPT_AT", item):
         os.kill(os.getpid(), signal.SIGINT)
+    sig, _, where = os.environ.get("VQB_FAULT_SIGNAL_AT", "").partition(":")
+    if where and where in item.nodeid:
+        os.kill(os.getpid(), getattr(signal, "SIG" + sig))
     if _matches("VQB_FAULT_FAIL_AT", item):
         pytest.fail("injected by tests/fault_hooks.py", pytrace=False)

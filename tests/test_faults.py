@@ -1,18 +1,27 @@
-"""Faults a nightly grid must survive: a killed worker, Ctrl-C, two runs on one report dir, an
-unusable report dir, damaged CSV parts. Each runs the real suite on the embedded world."""
+"""Faults a nightly grid must survive: a killed worker, Ctrl-C (also inside COCO's METEOR), SIGTERM,
+two runs on one report dir, a used report dir, an unusable report dir, damaged CSV parts, tests
+torn while written. Each end-to-end test runs the real suite on the embedded world."""
 import csv
+import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 import warnings
+import xml.etree.ElementTree as ElementTree
 from collections import Counter
 
+import psutil
 import pytest
 
 from reports import rundir as rundir_module
 from reports.csv_log import read_rows
 from reports.rundir import RunDir, RunDirError
 from reports.schema import CSV_COLUMNS
-from tests.bench_run import SMALL_GRID, output, run_bench
+from tests.bench_run import ROOT, SMALL_GRID, output, run_bench
 
 # The first test each of the two workers gets (grid.schedule_order): whichever worker gets KILLED
 # dies in it; the other holds HELD until the replacement has joined, which leaves work for the
@@ -148,17 +157,143 @@ def test_merge_keeps_the_latest_attempt_of_each_test(tmp_path):
     run = RunDir(tmp_path)
     base = {column: "" for column in CSV_COLUMNS}
     first = dict(base, run_id="r1", timestamp="2026-01-01T00:00:01", test_id="t", config_hash="h", metric="m",
-                 status="failed", worker="gw0", value="1")
+                 primary="true", status="failed", worker="gw0", value="1")
     crash = dict(base, run_id="r1", timestamp="2026-01-01T00:00:02", test_id="u", config_hash="h", status="crashed",
                  worker="gw1")
     other = dict(first, test_id="v", status="passed")
     _write_part(tmp_path / "parts" / "results-gw0.csv", [first, other])
     _write_part(tmp_path / "parts" / "results-main.csv", [crash])
     again = dict(first, run_id="r2", timestamp="2026-01-01T01:00:00", status="passed", value="2")
-    again_crash = dict(crash, run_id="r2", timestamp="2026-01-01T01:00:01", status="passed", metric="m", value="3")
+    again_crash = dict(crash, run_id="r2", timestamp="2026-01-01T01:00:01", status="passed", metric="m", primary="true",
+                       value="3")
     _write_part(tmp_path / "parts" / "results-gw0.r2.csv", [again, again_crash])
     merged = run.merge()
     assert not merged.problems
     got = {(row["test_id"], row["run_id"], row["status"], row["value"]) for row in read_rows(tmp_path / "results.csv")}
     assert got == {("t", "r2", "passed", "2"), ("u", "r2", "passed", "3"), ("v", "r1", "passed", "1")}
     assert run.passed_keys() == {("h", "", "")}
+
+
+# -- stop signals (issue 21) ---------------------------------------------------------------------
+def _run_in_own_session(*args, timeout=150, **fault_env):
+    """run_bench in a session of its own, so that every process it starts (xdist workers, Java)
+    can be found afterwards and nothing outlives a hung run: (result, the session's id, seconds
+    from the start to the exit)."""
+    env = {**os.environ, **fault_env}
+    env.pop("PYTEST_XDIST_WORKER_COUNT", None)
+    started = time.time()
+    process = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "tests.fault_hooks", *args], cwd=ROOT,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"the run did not end within {timeout} s (hung)\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    ended = time.time()
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), process.pid, ended
+
+
+def _alive_in_session(session: int) -> list[str]:
+    """Processes still running in the session (zombies excluded), as 'pid name'."""
+    found = []
+    for process in psutil.process_iter(["pid", "name", "status"]):
+        try:
+            if os.getsid(process.pid) == session and process.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(f"{process.pid} {process.info['name']}")
+        except (ProcessLookupError, PermissionError):
+            continue
+    return found
+
+
+def _end_session(session: int) -> None:
+    try:
+        os.killpg(session, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def test_ctrl_c_in_meteor_scoring_ends_the_run_in_seconds_and_kills_java(tmp_path):
+    """Ctrl-C while METEOR's Java child scored used to hang until a second Ctrl-C, the child
+    alive: pycocoevalcap's Meteor.__del__ waited on the lock its interrupted compute_score held."""
+    report, log = tmp_path / "run", tmp_path / "signal.json"
+    # vqav2 under rtn-w8-all first (its group is costlier), then COCO's FP test, stopped in METEOR.
+    out, session, ended = _run_in_own_session(
+        "-k", "(llava-tiny-rtn-w8-all and vqav2) or (llava-tiny-fp16 and coco_caption)", "--limit", "4",
+        f"--report-dir={report}", VQB_FAULT_SIGNAL_IN_METEOR="INT", VQB_FAULT_SIGNAL_LOG=str(log))
+    try:
+        assert out.returncode == 2, output(out)               # pytest's "interrupted"
+        sent = json.loads(log.read_text())
+        assert ended - sent["sent"] < 20, f"{ended - sent['sent']:.1f} s from Ctrl-C to the end"
+        time.sleep(0.5)
+        assert not psutil.pid_exists(sent["java_pid"]) or \
+            psutil.Process(sent["java_pid"]).status() == psutil.STATUS_ZOMBIE, "METEOR's Java child outlived the run"
+        assert not _alive_in_session(session), _alive_in_session(session)
+    finally:
+        _end_session(session)
+    rows = read_rows(report / "results.csv")
+    assert {row["test_id"].split("::")[1] for row in rows} == {"test_vqav2[llava-tiny-rtn-w8-all]"}
+    assert {row["status"] for row in rows} == {"passed"}
+    assert ElementTree.parse(report / "junit.xml").getroot() is not None and (report / "report.html").is_file()
+
+
+def _earlier_run(report):
+    """A report dir as an earlier run (id old-run) left it: results, page, a log and a plot."""
+    old_row = {column: "" for column in CSV_COLUMNS} | {
+        "run_id": "old-run", "test_id": "benchmarks/test_vqav2.py::test_vqav2[llava-tiny-gone]", "model": "llava-tiny",
+        "task": "vqav2", "config": "gone", "metric": "accuracy", "value": "50.0", "primary": "true", "status": "passed"}
+    _write_part(report / "results.csv", [old_row])
+    (report / "report.html").write_text("<html>old-run</html>")
+    (report / "samples" / "llava-tiny" / "vqav2").mkdir(parents=True)
+    (report / "samples" / "llava-tiny" / "vqav2" / "gone.jsonl").write_text("{}\n")
+    (report / "plots").mkdir()
+    (report / "plots" / "llava-tiny__old.png").write_bytes(b"png")
+    (report / ".run-owner.json").write_text(json.dumps({"run_id": "old-run", "pid": 1, "host": "h", "started": "t"}))
+
+
+def test_sigterm_leaves_results_junit_and_report_and_moves_an_earlier_run_aside(tmp_path):
+    """SIGTERM (scancel, a CI cancellation) used to end the process on the spot: only parts/
+    stayed, beside the earlier run's results.csv and report.html, which then read as this run's."""
+    report = tmp_path / "run"
+    _earlier_run(report)
+    out = run_bench(*SMALL_GRID, f"--report-dir={report}", "-k", "rtn-w4-all or rtn-w8-all",
+                    VQB_FAULT_SIGNAL_AT="TERM:rtn-w8-all]")
+    assert out.returncode == 2, output(out)
+    assert f"moved to {report / 'previous' / 'old-run'}" in out.stdout, output(out)
+    rows = read_rows(report / "results.csv")
+    assert {row["test_id"].split("::")[1] for row in rows} == {"test_vqav2[llava-tiny-rtn-w4-all]"}
+    assert {row["run_id"] for row in rows} != {"old-run"} and {row["status"] for row in rows} == {"passed"}
+    cases = ElementTree.parse(report / "junit.xml").getroot().iter("testcase")
+    assert "test_vqav2[llava-tiny-rtn-w4-all]" in {case.get("name") for case in cases}
+    assert (report / "report.html").is_file() and "old-run" not in (report / "report.html").read_text()
+    # The earlier run is kept whole, aside; nothing of it is left among this run's files.
+    previous = report / "previous" / "old-run"
+    assert read_rows(previous / "results.csv")[0]["run_id"] == "old-run"
+    assert (previous / "report.html").read_text() == "<html>old-run</html>"
+    assert (previous / "samples" / "llava-tiny" / "vqav2" / "gone.jsonl").is_file()
+    assert (previous / "plots" / "llava-tiny__old.png").is_file()
+    assert not (report / "samples" / "llava-tiny" / "vqav2" / "gone.jsonl").exists()
+    assert not (report / "plots" / "llava-tiny__old.png").exists()
+    # Each test's rows were written in one append that ends with its primary row.
+    part = read_rows(report / "parts" / "results-main.csv")
+    assert part and part[-1]["primary"] == "true" and [row["primary"] for row in part].count("true") == 1
+
+
+def test_a_test_cut_between_its_rows_is_not_passed_and_not_merged(tmp_path):
+    """COCO's rows cut after ROUGE_L, before CIDEr (its primary): --resume used to count the test
+    as passed and never run it again, and results.csv held it without its primary metric."""
+    base = {column: "" for column in CSV_COLUMNS} | {
+        "run_id": "r1", "timestamp": "2026-01-01T00:00:01", "config_hash": "h", "model": "llava-tiny",
+        "status": "passed", "worker": "main"}
+    coco = "benchmarks/test_coco_caption.py::test_coco_caption[llava-tiny-fp16]"
+    cut = [dict(base, test_id=coco, task="coco_caption", metric=metric, value="0.5", primary="false")
+           for metric in ("Bleu_4", "METEOR", "ROUGE_L")]                       # CIDEr never written
+    whole = [dict(base, test_id="benchmarks/test_vqav2.py::test_vqav2[llava-tiny-fp16]", task="vqav2",
+                  metric="accuracy", value="93.0", primary="true")]
+    _write_part(tmp_path / "parts" / "results-main.csv", whole + cut)
+    run = RunDir(tmp_path)
+    assert run.passed_keys() == {("h", "llava-tiny", "vqav2")}
+    merged = run.merge()
+    assert [row["task"] for row in read_rows(tmp_path / "results.csv")] == ["vqav2"]
+    assert any(coco in problem and "not its primary one" in problem for problem in merged.problems), merged.problems

@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 
 from fixtures.runtime.grid import GridError, group_costs, load_grid, schedule_order
+from fixtures.runtime.invocation import OptionError, check_device
+from quantizers.config import ConfigError, make_config
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = """
@@ -184,3 +186,32 @@ def test_generation_per_task_overrides_the_model_setting():
     assert blip2.num_beams == 5 and blip2.min_length == 0            # VQA: no minimum, as LAVIS
     assert blip2.for_task("coco_caption") == Generation(num_beams=5, min_length=8, per_task=blip2.per_task)
     assert blip2.for_task("vqav2") is blip2
+
+
+# -- issue 21: values, not only types ------------------------------------------------------------
+@pytest.mark.parametrize("method, params, message", [
+    ("gptq", {"damp": -0.01}, "parameter damp must be >= 0"),
+    ("gptq", {"block_size": 0}, "parameter block_size must be >= 1"),
+    ("awq", {"n_grid": 0}, "parameter n_grid must be >= 1"),
+    ("qvlm", {"p_min": 0.99, "p_max": 0.98}, r"parameter p_min must be in \(0, p_max\]"),
+    ("qvlm", {"weights": "awq"}, "parameter weights must be one of rtn, gptq"),
+])
+def test_method_parameters_out_of_range_are_config_errors(method, params, message):
+    with pytest.raises(ConfigError, match=message):
+        make_config("q", method, {"language": 4}, params=params)
+
+
+def test_string_booleans_and_path_names_are_grid_errors_in_expanded_entries_too(tmp_path):
+    expanded = GOOD.replace("  - {name: fp16, method: fp}\n", "").replace(
+        "{name: q, method: rtn, bits: {language: 4, vision: 16}, expect: {max_rel_drop: 0.1}}",
+        "{name: 'q-{sym}', method: rtn, bits: {language: 4}, expand: {sym: [true, 'false']}}")
+    with pytest.raises(GridError, match=r"configs\[0\]\.sym: must be true or false, got 'false'"):
+        load_grid(write(tmp_path, expanded))
+    with pytest.raises(GridError, match=r"configs\[0\]\.name: a name must be .* got 'a/b'"):
+        load_grid(write(tmp_path, GOOD.replace("{name: fp16, method: fp}", "{name: a/b, method: fp}")))
+
+
+def test_device_beyond_the_visible_gpus_is_named():
+    with pytest.raises(OptionError, match=r"--device cuda:7: only 2 CUDA device\(s\) visible, cuda:0..cuda:1"):
+        check_device("cuda:7", 2)
+    assert check_device("cuda:1", 2) == "cuda:1" and check_device("cpu", 0) == "cpu"

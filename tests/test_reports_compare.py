@@ -216,3 +216,45 @@ def test_markdown_names_both_runs():
 def load_run_rows(rows):
     from reports.runs import Run
     return Run(Path("rows"), [{key: str(value) for key, value in row.items()} for row in rows])
+
+
+# -- the head lacking what the base has (issue 21): exit 3, never a quiet "removed" ---------------
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """python -m reports in this process (the CLI's parsing and exit codes, without a start-up)."""
+    from reports.__main__ import main
+    try:
+        code = main(list(args))
+    except SystemExit as exit_:          # argparse's usage errors
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_missing_non_numeric_and_torn_head_rows_exit_3(tmp_path, capsys):
+    scores = vqa_scores(50, 0.9, 1)
+    base = make_run(tmp_path / "base", {"rtn": scores, "awq": scores, "gptq": scores})
+    missing = make_run(tmp_path / "missing", {"rtn": scores, "awq": scores})      # gptq gone
+    code, out, err = cli(capsys, "compare", str(base), str(missing))
+    assert code == 3 and "gptq llava-tiny vqav2 accuracy: not in head" in out, out
+    assert len(err.splitlines()) == 1 and err.startswith("error: head lacks 1 primary result(s)"), err
+    assert cli(capsys, "compare", str(base), str(missing), "--allow-removed")[0] == 0
+
+    garbage = make_run(tmp_path / "garbage", {"rtn": scores, "awq": scores, "gptq": scores})
+    text = (garbage / "results.csv").read_text()
+    first_value = f",{100 * sum(scores) / len(scores)!r},"
+    (garbage / "results.csv").write_text(text.replace(first_value, ",n/a,", 1))
+    code, out, _err = cli(capsys, "compare", str(base), str(garbage), "--allow-removed")
+    assert code == 3 and "value 'n/a' in head" in out, out
+
+    torn = make_run(tmp_path / "torn", {"rtn": scores, "awq": scores, "gptq": scores})
+    (torn / "results.csv").write_text((torn / "results.csv").read_text()[:-40])     # last record cut
+    code, out, _err = cli(capsys, "compare", str(base), str(torn), "--allow-removed")
+    assert code == 3 and "head input damaged" in out and "dropping record" in out, out
+
+
+def test_negative_tolerance_is_a_usage_error(tmp_path, capsys):
+    run = make_run(tmp_path / "run", {"rtn": vqa_scores(50, 0.9, 1)})
+    code, out, err = cli(capsys, "compare", str(run), str(run), "--tolerance", "-1")
+    assert code == 2 and not out and "argument --tolerance: must be >= 0" in err, err
+    with pytest.raises(ValueError, match="tolerance must be >= 0"):
+        compare_runs(load_run(run), load_run(run), -0.5)

@@ -11,22 +11,23 @@ from tests.test_reports import make_row
 from tests.test_reports_compare import run_cli
 
 
-def junit(tests: int, failures: int = 0) -> str:
-    cases = "".join(f'<testcase classname="b" name="t{i}" time="1.0"/>' for i in range(tests))
-    return (f'<?xml version="1.0"?><testsuites><testsuite name="pytest" tests="{tests}" failures="{failures}" '
-            f'errors="0" skipped="0" time="{tests}.5">{cases}</testsuite></testsuites>')
+def junit(names: list[str], failures: int = 0) -> str:
+    """A pytest junit.xml with one testcase per name (classname b, as the rows' test_id b.py::name)."""
+    cases = "".join(f'<testcase classname="b" name="{name}" time="1.0"/>' for name in names)
+    return (f'<?xml version="1.0"?><testsuites><testsuite name="pytest" tests="{len(names)}" failures="{failures}" '
+            f'errors="0" skipped="0" time="{len(names)}.5">{cases}</testsuite></testsuites>')
 
 
-def make_shard(root: Path, configs: dict[str, tuple[float, str]], junit_tests: int | None = None) -> Path:
+def make_shard(root: Path, configs: dict[str, tuple[float, str]]) -> Path:
     """A shard run dir: a vqav2 test per config (value, timestamp), its samples and junit.xml."""
     rows = [make_row(model="llava-tiny", task="vqav2", config=config, config_hash=f"h-{config}", value=value,
-                     timestamp=timestamp, test_id=f"t[{config}]") for config, (value, timestamp) in configs.items()]
+                     timestamp=timestamp, test_id=f"b.py::t[{config}]") for config, (value, timestamp) in configs.items()]
     PartWriter(root / "results.csv").write_rows(rows)
     for config, (value, _timestamp) in configs.items():
         log = root / "samples" / "llava-tiny" / "vqav2" / f"{config}.jsonl"
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(json.dumps({"question_id": 1, "score": value / 100, "from": str(root.name)}) + "\n")
-    (root / "junit.xml").write_text(junit(len(configs) if junit_tests is None else junit_tests))
+    (root / "junit.xml").write_text(junit([f"t[{config}]" for config in configs]))
     return root
 
 
@@ -42,7 +43,9 @@ def test_merge_joins_shards_and_keeps_the_latest_repeat(tmp_path):
     assert sorted((row["config"], row["value"]) for row in rows) == [("awq", "80.0"), ("gptq", "93.0"), ("rtn", "90.0")]
     assert len(warnings) == 1 and "t[awq]" in warnings[0] and "s1" in warnings[0]
     suites = ElementTree.parse(tmp_path / "out" / "junit.xml").getroot()
-    assert suites.tag == "testsuites" and suites.get("tests") == "4" and len(suites.findall("testsuite")) == 2
+    # t[awq] ran on both shards: one testcase, the one of the shard whose rows were kept (s1)
+    assert suites.tag == "testsuites" and suites.get("tests") == "3" and len(suites.findall("testsuite")) == 2
+    assert [len(suite.findall("testcase")) for suite in suites.findall("testsuite")] == [2, 1]
     logs = sorted(p.name for p in (tmp_path / "out" / "samples" / "llava-tiny" / "vqav2").iterdir())
     assert logs == ["awq.jsonl", "gptq.jsonl", "rtn.jsonl"]
     awq = json.loads((tmp_path / "out" / "samples" / "llava-tiny" / "vqav2" / "awq.jsonl").read_text())
@@ -90,3 +93,28 @@ def test_nothing_usable_or_output_among_shards_exits_2_with_one_line(tmp_path):
         assert result.returncode == 2
         assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0
         assert named in result.stderr
+
+
+# -- issue 21: a damaged results.csv is rebuilt from parts/; no JUnit testcase twice -------------
+def test_a_shard_with_a_damaged_results_csv_is_rebuilt_from_its_parts(tmp_path):
+    shard = make_shard(tmp_path / "s1", {"rtn": (90.0, "2026-01-01T10:00:00+00:00"),
+                                         "awq": (80.0, "2026-01-01T10:00:01+00:00")})
+    (shard / "parts").mkdir()
+    (shard / "results.csv").replace(shard / "parts" / "results-main.csv")
+    (shard / "results.csv").write_bytes(b"\x00\xff garbage, not the merged file")
+    other = make_shard(tmp_path / "s2", {"gptq": (93.0, "2026-01-01T10:00:00+00:00")})
+
+    warnings = merge_runs(tmp_path / "out", [shard, other])
+
+    assert sorted(row["config"] for row in read_rows(tmp_path / "out" / "results.csv")) == ["awq", "gptq", "rtn"]
+    assert any("results.csv damaged" in warning and "rebuilt from parts/" in warning for warning in warnings)
+
+
+def test_merging_a_shard_twice_lists_each_testcase_once(tmp_path):
+    shard = make_shard(tmp_path / "s1", {"rtn": (90.0, "2026-01-01T10:00:00+00:00"),
+                                         "awq": (80.0, "2026-01-01T10:00:01+00:00")})
+    merge_runs(tmp_path / "out", [shard, shard])
+    suites = ElementTree.parse(tmp_path / "out" / "junit.xml").getroot()
+    names = [case.get("name") for case in suites.iter("testcase")]
+    assert sorted(names) == ["t[awq]", "t[rtn]"] and suites.get("tests") == "2", ElementTree.tostring(suites)
+    assert sum(int(suite.get("tests")) for suite in suites.findall("testsuite")) == 2

@@ -28,6 +28,10 @@ class AWQParams(WeightedParams):
     clip: bool = True     # the clip search after scaling
     seed: int = 0         # the row subsample
 
+    def validate(self, where: str) -> None:
+        self._require(where, "n_grid", self.n_grid >= 1, ">= 1")
+        self._require(where, "seed", self.seed >= 0, ">= 0")
+
 
 @register_method
 class AWQ(Method):

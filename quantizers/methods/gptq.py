@@ -21,6 +21,10 @@ class GPTQParams(WeightedParams):
     damp: float = 0.01            # relative to mean(diag H); raised 10x on a failed Cholesky
     block_size: int = 128         # columns per lazy batch update (does not change the result)
 
+    def validate(self, where: str) -> None:
+        self._require(where, "damp", self.damp >= 0, ">= 0 (a fraction of mean(diag H))")
+        self._require(where, "block_size", self.block_size >= 1, ">= 1")
+
 
 @register_method
 class GPTQ(Method):

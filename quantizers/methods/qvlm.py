@@ -78,6 +78,17 @@ class QVLMParams(MethodParams):
     eta: float = 0.1                   # LM output error relative to the vision output error
     seed: int = 0
 
+    def validate(self, where: str) -> None:
+        self._require(where, "weights", self.weights in WEIGHT_ROUNDING, f"one of {', '.join(WEIGHT_ROUNDING)}")
+        for name in ("max_depth", "entropy_samples", "encoder_samples", "encoder_batch"):
+            self._require(where, name, getattr(self, name) >= 1, ">= 1")
+        for name in ("encoder_epochs", "lambda1", "lambda2", "eta", "seed"):
+            self._require(where, name, getattr(self, name) >= 0, ">= 0")
+        for name in ("temperature", "p_step", "encoder_lr"):
+            self._require(where, name, getattr(self, name) > 0, "> 0")
+        self._require(where, "p_max", 0 < self.p_max <= 1, "in (0, 1]")
+        self._require(where, "p_min", 0 < self.p_min <= self.p_max, "in (0, p_max]")
+
 
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
