@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from quantizers import qig
-from quantizers.config import ConfigError, MethodParams
+from quantizers.config import MethodParams
 from quantizers.primitives import fake_quantize
 from quantizers.walker import Block, BlockInput, Feed, Window, blocks_of, catch_inputs, run_window
 
@@ -53,13 +53,10 @@ class WeightedParams(MethodParams):
     def marks(self) -> tuple[str, ...]:
         return () if self.weighting == "uniform" else (self.weighting,)
 
-    def check_weighting(self, where: str) -> None:
-        if self.weighting not in WEIGHTINGS:
-            raise ConfigError(f"{where}: params.weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
-        if self.ig_baseline not in IG_BASELINES:
-            raise ConfigError(f"{where}: params.ig_baseline must be one of {', '.join(IG_BASELINES)}")
-        if self.ig_steps < 1:
-            raise ConfigError(f"{where}: params.ig_steps must be >= 1, got {self.ig_steps}")
+    def validate(self, where: str) -> None:
+        self._require(where, "weighting", self.weighting in WEIGHTINGS, f"one of {', '.join(WEIGHTINGS)}")
+        self._require(where, "ig_baseline", self.ig_baseline in IG_BASELINES, f"one of {', '.join(IG_BASELINES)}")
+        self._require(where, "ig_steps", self.ig_steps >= 1, ">= 1")
 
 
 def _vision_mask(adapter, batch: dict) -> torch.Tensor | None:
@@ -75,7 +72,7 @@ class TokenWeighting:
 
     def __init__(self, adapter, targets, batches: list[dict], config):
         self.params: WeightedParams = config.params
-        self.params.check_weighting(f"config {config.name!r}")
+        self.params.validate(f"config {config.name!r}: params")
         self.config = config
         self.enabled = self.params.weighting != "uniform"
         self.details: dict[str, dict] = {}

@@ -29,6 +29,7 @@ class AWQParams(WeightedParams):
     seed: int = 0         # the row subsample
 
     def validate(self, where: str) -> None:
+        super().validate(where)   # the token weighting's
         self._require(where, "n_grid", self.n_grid >= 1, ">= 1")
         self._require(where, "seed", self.seed >= 0, ">= 0")
 

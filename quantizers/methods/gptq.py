@@ -22,6 +22,7 @@ class GPTQParams(WeightedParams):
     block_size: int = 128         # columns per lazy batch update (does not change the result)
 
     def validate(self, where: str) -> None:
+        super().validate(where)   # the token weighting's
         self._require(where, "damp", self.damp >= 0, ">= 0 (a fraction of mean(diag H))")
         self._require(where, "block_size", self.block_size >= 1, ">= 1")
 

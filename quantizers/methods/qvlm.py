@@ -88,6 +88,8 @@ class QVLMParams(MethodParams):
             self._require(where, name, getattr(self, name) > 0, "> 0")
         self._require(where, "p_max", 0 < self.p_max <= 1, "in (0, 1]")
         self._require(where, "p_min", 0 < self.p_min <= self.p_max, "in (0, p_max]")
+        self._require(where, "objective", self.objective in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}")
+        self._require(where, "answer_share", 0 < self.answer_share < 1, "in (0, 1)")
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -110,8 +112,6 @@ class QVLM(Method):
         params: QVLMParams = config.params
         if params.weights not in WEIGHT_ROUNDING:
             raise ConfigError(f"config {config.name!r}: params.weights must be one of {', '.join(WEIGHT_ROUNDING)}")
-        if params.objective not in OBJECTIVES:
-            raise ConfigError(f"config {config.name!r}: params.objective must be one of {', '.join(OBJECTIVES)}")
         if not (config.quantizes_activations and config.a_quant.static):
             raise ConfigError(f"config {config.name!r}: qvlm searches static activation ranges: set a_bits "
                               "and a static a_quant.granularity (official, the default, or tensor, channel, position)")
