@@ -21,14 +21,15 @@ gpu=$!
 $PY -c "from pathlib import Path; from fixtures.world.generate import ensure_world; ensure_world(Path('.cache/world'))"
 t0=$SECONDS
 (OUT=/tmp/qvlm-runs PY=$PY PYTEST_ARGS="-n $WORKERS --device cpu -q" bash benchmarks/results/qvlm.sh > "$OUT/tables.log" 2>&1
- echo "qvlm tables: rc $?, $((SECONDS - t0)) s" | tee -a "$OUT/times.txt"
+ echo "qvlm tables: rc $?, $((SECONDS - t0)) s" | tee -a /tmp/times.txt
  cp benchmarks/results/qvlm.md benchmarks/results/qvlm.csv benchmarks/results/qvlm-tensor.csv "$OUT/") &
 tables=$!
 $PY -m pytest --grid=benchmarks/grids/qig.yaml --report-dir=/tmp/qig-run -n "$WORKERS" --device cpu -q \
-  > "$OUT/qig.log" 2>&1
-echo "qig grid: rc $?, $((SECONDS - t0)) s" | tee -a "$OUT/times.txt"
+  > /tmp/qig.log 2>&1
+echo "qig grid: rc $?, $((SECONDS - t0)) s" | tee -a /tmp/times.txt
 cp /tmp/qig-run/results.csv "$OUT/qig.csv"
 wait $tables
 wait $gpu
-echo "full size: rc $?" | tee -a "$OUT/times.txt"
+echo "full size: rc $?" | tee -a /tmp/times.txt
 tail -20 "$OUT/full-size.log"
+tail -3 /tmp/qig.log; cat /tmp/times.txt
