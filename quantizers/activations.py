@@ -247,6 +247,14 @@ class ActivationQuantizer(QuantizationHook):
         return lo, hi
 
 
+def needs_whole_prefill(model: nn.Module) -> bool:
+    """Whether a quantizer on the model takes its range from a sequence's whole prefill
+    (channel_dynamic): a prefill split in two (a shared image prefix, then each question) would
+    give it other ranges, so such a model is generated unshared."""
+    return any(isinstance(hook, ActivationQuantizer) and hook.spec.granularity == "channel_dynamic"
+               for module in model.modules() for hook in module._forward_pre_hooks.values())
+
+
 def attach(modules: Mapping[str, nn.Module], bits: int, specs: Mapping[str, ActivationQuant],
            ranges: Mapping[str, Range] | None = None, tokens: TokenMask | None = None) -> list:
     """One quantizer per named Linear (specs: each one's concrete quantizer, from plan());

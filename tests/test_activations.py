@@ -232,3 +232,10 @@ def test_a_quant_parse_checks_the_decode_rule_and_types():
                 {"sym": "yes"}, {"granularity": 4}):
         with pytest.raises(ConfigError):
             ActivationQuant.parse(bad, "x")
+
+
+def test_a_model_with_whole_prefill_ranges_is_not_generated_with_a_shared_prefix():
+    model = nn.Sequential(nn.Linear(4, 4))
+    assert not activations.needs_whole_prefill(model)
+    activations.attach({"0": model[0]}, 4, {"0": ActivationQuant("channel_dynamic")})
+    assert activations.needs_whole_prefill(model)
