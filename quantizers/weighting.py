@@ -129,13 +129,14 @@ class TokenWeighting:
             return (run_window(window, inputs) - run_window(rounded, inputs)).float().abs().mean(dim=-1).sum()
 
         attributions = qig.integrated_gradients(output_difference, x, baseline, self.params.ig_steps)
-        scores = qig.token_scores(attributions)
+        # (batch, tokens); a block fed one flat sequence of tokens (Qwen2-VL's vision blocks) is one row
+        scores = qig.token_scores(attributions).reshape(-1, x.shape[-2])
         real = self._rows(self.real[index], scores)
         weights = qig.token_weights(scores, real, self.params.iqr_clip)
         if self.params.weighting == "modality":
             vision = self._rows(self.vision[index], scores) if window.component == "language" else None
             weights = qig.modality_weights(weights, vision if vision is not None else torch.ones_like(weights), real)
-        return weights.to(x.device)
+        return weights.reshape(x.shape[:-1]).to(x.device)
 
     @staticmethod
     def _rows(mask: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor | None:

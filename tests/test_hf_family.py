@@ -232,3 +232,18 @@ def test_grid_with_hf_family_and_a_components_override(tmp_path):
         load_grid(path)
     assert "models.onevision.family" in str(info.value) and "'hff'" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("weighting", ["qig", "modality"])
+def test_token_weighting_on_every_component(tiny, weighting):
+    """QIG (issue 19) in the hf family: the language model and, when a config asks, the vision
+    tower and the connector, each block weighted by its own integrated gradients."""
+    _, fp, batches = tiny
+    adapter = copy.deepcopy(fp)
+    config = make_config(f"gptq-{weighting}", "gptq", {c: 4 for c in adapter.quantizable}, group_size=16,
+                         params={"weighting": weighting, "ig_steps": 2})
+    report, entry = api.quantize(adapter, config, batches)
+    assert len(entry.weights) == len(select_targets(adapter, config))
+    weighted_blocks = report.details["weighting"]
+    assert any(name.startswith(adapter.components["vision"]) for name in weighted_blocks)
+    assert any(name.startswith(adapter.components["language"]) for name in weighted_blocks)
