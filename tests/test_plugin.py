@@ -40,7 +40,7 @@ def test_w4_selects_exactly_the_four_bit_parameters():
 
 
 def test_issue_selections_run_every_task_of_every_model():
-    assert collected("-m", "w3 and gptq") == sorted(every_task("gptq-w3-all"))
+    assert collected("-m", "w3 and gptq and not qig") == sorted(every_task("gptq-w3-all"))
     assert collected("-m", "w4 and awq and not a4") == sorted(every_task("awq-w4-all"))
     assert collected("-m", "a4 and qvlm") == ["test_scienceqa[llava-tiny-qvlm-w4a4-all]"]
 
@@ -52,7 +52,9 @@ def test_issue_selections_run_every_task_of_every_model():
     ("w4 and qformer and rtn", ["test_coco_caption[blip2-tiny-rtn-w4-all]",
                                 "test_flickr_retrieval[blip2-tiny-retrieval-rtn-w4-all]",
                                 "test_vqav2[blip2-tiny-rtn-w4-all]"]),
-    ("vqav2 and llava-tiny and w3", ["test_vqav2[llava-tiny-gptq-w3-all]", "test_vqav2[llava-tiny-rtn-w3-all]"]),
+    ("vqav2 and llava-tiny and w3 and not qig", ["test_vqav2[llava-tiny-gptq-w3-all]",
+                                                 "test_vqav2[llava-tiny-rtn-w3-all]"]),
+    ("qig", ["test_vqav2[llava-tiny-awq-qig-w3a16-language]", "test_vqav2[llava-tiny-gptq-qig-w3a16-language]"]),
     ("fp16 and text_ppl", ["test_text_ppl[llava-tiny-fp16]"]),
 ])
 def test_mark_expressions(expr, expected):
