@@ -313,7 +313,7 @@ def evaluate(adapter: Any, data: RetrievalSet | list[FlickrImage], k_test: int =
         raise ValueError(f"flickr_retrieval: k_test must be >= 1, got {k_test}")
     n_images, n_texts = len(data.images), len(data.texts)
     bar = tqdm(total=2 * n_images + n_texts, desc=NAME, unit="item", disable=not progress, leave=False)
-    clock = _PhaseClock()
+    clock = _PhaseClock(getattr(adapter, "device", None))
     shared = shares_image_side(adapter)
     if shared:
         with clock("image_side"):
@@ -353,21 +353,23 @@ def evaluate(adapter: Any, data: RetrievalSet | list[FlickrImage], k_test: int =
 class _PhaseClock:
     """Wall seconds per named phase; on CUDA the device is synchronized at each boundary so a
     phase is charged for its own kernels."""
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
+    def __init__(self, device: Any = None) -> None:
+        self.device, self.seconds = device, {}
 
     @contextmanager
     def __call__(self, phase: str):
-        _synchronize()
+        _synchronize(self.device)
         start = time.perf_counter()
         yield
-        _synchronize()
+        _synchronize(self.device)
         self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
-def _synchronize() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
+def _synchronize(device: Any) -> None:
+    # The adapter's own device: a worker pinned to cuda:N may not have made it the current one,
+    # and touching another GPU would open a context there.
+    if isinstance(device, torch.device) and device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 TASK = register_task(TaskDef(
