@@ -32,6 +32,9 @@ class TaskResult:
     higher_is_better: bool
     n_samples: int
     samples: list[dict[str, Any]] = field(default_factory=list)
+    # A task's own numbers about the run, not metrics (retrieval: seconds per phase): recorded as
+    # JUnit properties "eval.<key>", never as CSV metric rows.
+    details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def primary(self) -> float:

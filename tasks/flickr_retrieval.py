@@ -12,11 +12,23 @@ The adapter this task needs (BLIP-2's retrieval model: ViT + Q-Former, no LLM):
 - itm_scores(images, texts) -> Tensor (n,): ITM positive logit (or probability) of aligned pairs.
   evaluate passes one image repeated for several texts per call, so an adapter may encode it once.
 
+An adapter may also offer the shared image side, which evaluate then uses instead (the protocol
+re-scores up to k_test pairs per image and per text, so re-running the vision tower per pair costs
+more than everything else together):
+- image_features(images) -> Tensor (n, ...): whatever the adapter needs per image (BLIP-2: the
+  vision tower's output), computed once per image per evaluation and kept on the device;
+- image_embeddings_from_features(features) -> as image_embeddings, from those rows;
+- itm_scores_from_features(features, image_idx, texts) -> Tensor (n,): as itm_scores, pair j
+  being row image_idx[j] of features with texts[j]; the pairs may come from any images.
+Both paths must give the same scores (tests/test_flickr_retrieval.py checks it bit for bit).
+
 Metrics (percent): txt_r1/5/10 image->text (an image is a hit at K if any of its captions ranks in
 its top K), img_r1/5/10 text->image, txt_r_mean, img_r_mean, r_mean (primary).
 """
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -35,6 +47,8 @@ NAME = "flickr_retrieval"
 PRIMARY_METRIC = "r_mean"
 KARPATHY_FILE = "dataset_flickr30k.json"
 RECALL_AT = (1, 5, 10)
+PAIR_MEMORY_HEADROOM = 0.8   # of free memory for ITM pair batches: fragmentation, longer texts later
+MAX_PAIR_BATCH = 4096
 
 
 @dataclass
@@ -180,11 +194,21 @@ def load_hf(dataset: str, split: str, revision: str | None = None) -> RetrievalS
 
 
 # -- evaluation --------------------------------------------------------------------------------
-def _itc(adapter: Any, data: RetrievalSet, batch_size: int, bar: tqdm) -> torch.Tensor:
-    """n_images x n_texts: the best of the image's query embeddings against each text."""
+def shares_image_side(adapter: Any) -> bool:
+    return all(hasattr(adapter, name) for name in
+               ("image_features", "image_embeddings_from_features", "itm_scores_from_features"))
+
+
+def _text_embeddings(adapter: Any, data: RetrievalSet, batch_size: int, bar: tqdm) -> torch.Tensor:
     texts = torch.cat([adapter.text_embeddings(list(chunk)).float().cpu()
                        for chunk in batched(data.texts, batch_size)])
     bar.update(len(data.texts))
+    return texts
+
+
+def _itc(adapter: Any, data: RetrievalSet, batch_size: int, bar: tqdm) -> torch.Tensor:
+    """n_images x n_texts: the best of the image's query embeddings against each text."""
+    texts = _text_embeddings(adapter, data, batch_size, bar)
     rows = []
     for chunk in batched(data.images, batch_size):
         queries = adapter.image_embeddings([image.image() for image in chunk]).float().cpu()
@@ -193,9 +217,28 @@ def _itc(adapter: Any, data: RetrievalSet, batch_size: int, bar: tqdm) -> torch.
     return torch.cat(rows)
 
 
+def _image_side(adapter: Any, data: RetrievalSet, batch_size: int) -> torch.Tensor:
+    """Every image's features, once: each image is decoded, preprocessed and through the vision
+    tower exactly once per evaluation; ITC and ITM both read these rows (left on the device)."""
+    return torch.cat([adapter.image_features([image.image() for image in chunk])
+                      for chunk in batched(data.images, batch_size)])
+
+
+def _itc_from_features(adapter: Any, features: torch.Tensor, data: RetrievalSet, batch_size: int,
+                       bar: tqdm) -> torch.Tensor:
+    texts = _text_embeddings(adapter, data, batch_size, bar)
+    rows = []
+    for start in range(0, features.shape[0], batch_size):
+        queries = adapter.image_embeddings_from_features(features[start:start + batch_size]).float().cpu()
+        rows.append((queries @ texts.T).amax(dim=1))
+        bar.update(queries.shape[0])
+    return torch.cat(rows)
+
+
 def _itm(adapter: Any, data: RetrievalSet, pairs: torch.Tensor, batch_size: int,
          bar: tqdm) -> torch.Tensor:
-    """ITM scores of the listed (image, text) pairs, NaN elsewhere; each image loaded once."""
+    """ITM scores of the listed (image, text) pairs, NaN elsewhere; each image loaded once (the
+    per-pair path, for adapters without the shared image side)."""
     itm = torch.full((len(data.images), len(data.texts)), float("nan"))
     for i in range(len(data.images)):
         texts = pairs[i].nonzero().flatten().tolist()
@@ -208,15 +251,61 @@ def _itm(adapter: Any, data: RetrievalSet, pairs: torch.Tensor, batch_size: int,
     return itm
 
 
+def _pair_batch_size(adapter: Any, features: torch.Tensor, data: RetrievalSet, image_idx: torch.Tensor,
+                     text_idx: torch.Tensor, batch_size: int) -> int:
+    """batch_size pairs, or on CUDA the most pairs that fit the free memory: one probe batch of
+    batch_size pairs is scored and the peak memory it added is charged per pair (the suite's
+    batch sizing, fixtures/runtime/batching.py, measured the same way)."""
+    if features.device.type != "cuda" or len(image_idx) <= batch_size:
+        return batch_size
+    device = features.device
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    adapter.itm_scores_from_features(features, image_idx[:batch_size],
+                                     [data.texts[t] for t in text_idx[:batch_size].tolist()])
+    torch.cuda.synchronize(device)
+    per_pair = max(torch.cuda.max_memory_allocated(device) - before, 1) / batch_size
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(device)
+    fit = int(free * PAIR_MEMORY_HEADROOM / per_pair)
+    # Beyond a few thousand pairs a batch gains nothing; multiples of 64 keep shapes friendly.
+    return max(batch_size, min(MAX_PAIR_BATCH, fit - fit % 64))
+
+
+def _itm_from_features(adapter: Any, features: torch.Tensor, data: RetrievalSet, pairs: torch.Tensor,
+                       batch_size: int, bar: tqdm, pair_batch_size: int | None = None) -> torch.Tensor:
+    """The same scores as _itm, from the cached image rows: the listed pairs, in image-major
+    order, scored in batches that cross image boundaries (only the Q-Former and ITM head run)."""
+    itm = torch.full((len(data.images), len(data.texts)), float("nan"))
+    image_idx, text_idx = pairs.nonzero(as_tuple=True)
+    size = pair_batch_size or _pair_batch_size(adapter, features, data, image_idx, text_idx, batch_size)
+    # Every batch holds exactly `size` pairs (the last one starts `size` before the end and
+    # re-scores a few pairs): a CPU GEMM over very few rows takes another kernel and rounds the
+    # ITM head differently in the last bit, so a small remainder batch would not give the
+    # scores a full one does; on a GPU it also keeps one shape for the whole loop.
+    starts = list(range(0, max(len(image_idx) - size, 0), size)) + [max(len(image_idx) - size, 0)]
+    for start in starts if len(image_idx) else []:
+        images, texts = image_idx[start:start + size], text_idx[start:start + size]
+        scores = adapter.itm_scores_from_features(features, images, [data.texts[t] for t in texts.tolist()])
+        itm[images, texts] = scores.float().cpu().reshape(-1)
+    bar.update(len(data.images))
+    return itm
+
+
 def _rerank(itc: torch.Tensor, itm: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
     """ITM + ITC where `top` marks the re-ranked candidates, -inf elsewhere."""
     return torch.where(top, itm + itc, torch.full_like(itc, float("-inf")))
 
 
 def evaluate(adapter: Any, data: RetrievalSet | list[FlickrImage], k_test: int = 128,
-             batch_size: int = 64, progress: bool = True) -> TaskResult:
+             batch_size: int = 64, progress: bool = True, pair_batch_size: int | None = None) -> TaskResult:
     """ITC ranks every pair; the top k_test candidates of each image (texts) and of each text
-    (images) are re-scored with ITM + ITC; recalls come from those re-ranked scores."""
+    (images) are re-scored with ITM + ITC; recalls come from those re-ranked scores.
+
+    pair_batch_size: ITM pairs per Q-Former batch on the shared image side (default: batch_size,
+    or what fits the free memory on CUDA). The result's `details` carry the seconds of each phase
+    (image side, ITC, ITM pairs) and the number of ITM pairs."""
     data = data if isinstance(data, RetrievalSet) else RetrievalSet(list(data))
     if not data.images:
         raise DataError("flickr_retrieval: no images to evaluate")
@@ -224,13 +313,28 @@ def evaluate(adapter: Any, data: RetrievalSet | list[FlickrImage], k_test: int =
         raise ValueError(f"flickr_retrieval: k_test must be >= 1, got {k_test}")
     n_images, n_texts = len(data.images), len(data.texts)
     bar = tqdm(total=2 * n_images + n_texts, desc=NAME, unit="item", disable=not progress, leave=False)
-    itc = _itc(adapter, data, batch_size, bar)
+    clock = _PhaseClock(getattr(adapter, "device", None))
+    shared = shares_image_side(adapter)
+    if shared:
+        with clock("image_side"):
+            features = _image_side(adapter, data, batch_size)
+        with clock("itc"):
+            itc = _itc_from_features(adapter, features, data, batch_size, bar)
+    else:
+        with clock("itc"):   # includes the image side: the adapter does not split it off
+            itc = _itc(adapter, data, batch_size, bar)
     top_texts = torch.zeros_like(itc, dtype=torch.bool)  # image -> its k_test best texts
     top_texts.scatter_(1, itc.topk(min(k_test, n_texts), dim=1).indices, True)
     top_images = torch.zeros_like(itc, dtype=torch.bool)  # text -> its k_test best images
     top_images.scatter_(0, itc.topk(min(k_test, n_images), dim=0).indices, True)
     # One ITM score per pair that either direction re-ranks.
-    itm = _itm(adapter, data, top_texts | top_images, batch_size, bar)
+    pairs = top_texts | top_images
+    with clock("itm_pairs"):
+        if shared:
+            itm = _itm_from_features(adapter, features, data, pairs, batch_size, bar, pair_batch_size)
+            del features
+        else:
+            itm = _itm(adapter, data, pairs, batch_size, bar)
     bar.close()
     i2t, t2i = _rerank(itc, itm, top_texts), _rerank(itc, itm, top_images)
     metrics = retrieval_recalls(i2t, data.txt2img, data.img2txt, sim_t2i=t2i)
@@ -241,7 +345,31 @@ def evaluate(adapter: Any, data: RetrievalSet | list[FlickrImage], k_test: int =
             for image, rank in zip(data.images, image_ranks)]
     logs += [{"direction": "text->image", "image_id": data.images[data.txt2img[t]].image_id,
               "text": text, "rank": int(text_ranks[t]) + 1} for t, text in enumerate(data.texts)]
-    return TaskResult(metrics, PRIMARY_METRIC, True, n_images, logs)
+    details = {f"seconds_{phase}": round(sec, 3) for phase, sec in clock.seconds.items()}
+    details["itm_pairs"] = int(pairs.sum())
+    return TaskResult(metrics, PRIMARY_METRIC, True, n_images, logs, details=details)
+
+
+class _PhaseClock:
+    """Wall seconds per named phase; on CUDA the device is synchronized at each boundary so a
+    phase is charged for its own kernels."""
+    def __init__(self, device: Any = None) -> None:
+        self.device, self.seconds = device, {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        _synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        _synchronize(self.device)
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def _synchronize(device: Any) -> None:
+    # The adapter's own device: a worker pinned to cuda:N may not have made it the current one,
+    # and touching another GPU would open a context there.
+    if isinstance(device, torch.device) and device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 TASK = register_task(TaskDef(

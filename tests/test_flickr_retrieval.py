@@ -201,3 +201,61 @@ def test_subsets_keep_whole_images(tmp_path):
     # A plain list of images (e.g. [data[i] for i in keep]) is accepted too.
     result = fr.evaluate(FakeRetriever(3), [data[0], data[2]], progress=False)
     assert result.n_samples == 2 and len(result.samples) == 2 + 4
+
+
+# -- the shared image side on the tiny BLIP-2 retrieval checkpoint ------------------------------
+TINY_RETRIEVAL = "fixtures/tiny/blip2-tiny-retrieval"
+# The default grid's quantized-component combinations for the retrieval model, the vision tower
+# FP or quantized: FP, and RTN W4 of the vision tower alone, of the Q-Former alone, of both.
+COMPONENT_BITS = {"fp": None, "vision": {"vision": 4}, "qformer": {"qformer": 4}, "all": {"vision": 4, "qformer": 4}}
+
+
+class PerPairOnly:
+    """The adapter without the shared image side: evaluate falls back to itm_scores per pair."""
+
+    def __init__(self, adapter):
+        self.image_embeddings, self.text_embeddings = adapter.image_embeddings, adapter.text_embeddings
+        self.itm_scores = adapter.itm_scores
+
+
+@pytest.fixture(scope="module")
+def flickr_world(tmp_path_factory):
+    from fixtures.world.generate import ensure_world
+    root = ensure_world(tmp_path_factory.mktemp("world") / "world", split_images={},
+                        others={"flickr30k": {"test": 24}})
+    return fr.load_official(root / "flickr30k", "test")   # 24 images x 5 captions
+
+
+@pytest.mark.parametrize("components", COMPONENT_BITS)
+def test_shared_image_side_scores_equal_the_per_pair_path(components, flickr_world):
+    """Bit for bit in fp32 on CPU: the features path runs the forward's own ops on the same
+    inputs, only batched across images (pairs of several images share a Q-Former batch)."""
+    from fixtures.adapters.blip2 import Blip2RetrievalAdapter
+    from quantizers.api import quantize
+    from quantizers.config import make_config
+    adapter = Blip2RetrievalAdapter.load("r", TINY_RETRIEVAL, torch.device("cpu"), "float32")
+    if COMPONENT_BITS[components]:
+        quantize(adapter, make_config(f"rtn-w4-{components}", "rtn", COMPONENT_BITS[components]))
+    assert fr.shares_image_side(adapter) and not fr.shares_image_side(PerPairOnly(adapter))
+    data, k_test = flickr_world, 16
+    bar = fr.tqdm(disable=True)
+    # The ITM scores of every pair the evaluation re-ranks, both ways; pair batches of 7 cross
+    # image boundaries and mix texts of different lengths. The per-pair path scores each image's
+    # candidates (up to all 120 texts) in one call: MKL rounds a GEMM over a handful of rows (an ITM
+    # head call on 1 or 2 pairs) differently in the last bit, whichever path makes it.
+    itc = fr._itc(adapter, data, 8, bar)
+    features = fr._image_side(adapter, data, 8)
+    assert torch.equal(fr._itc_from_features(adapter, features, data, 8, bar), itc)
+    pairs = torch.zeros_like(itc, dtype=torch.bool)
+    pairs.scatter_(1, itc.topk(k_test, dim=1).indices, True)
+    pairs.scatter_(0, itc.topk(k_test, dim=0).indices, True)
+    per_pair = fr._itm(adapter, data, pairs, len(data.texts), bar)   # one call per image
+    shared = fr._itm_from_features(adapter, features, data, pairs, 8, bar, pair_batch_size=7)
+    assert torch.equal(shared.isnan(), ~pairs)
+    assert torch.equal(shared[pairs], per_pair[pairs])
+    # And the whole evaluation: the same recalls and per-sample ranks.
+    new = fr.evaluate(adapter, data, k_test=k_test, batch_size=128, progress=False)
+    old = fr.evaluate(PerPairOnly(adapter), data, k_test=k_test, batch_size=128, progress=False)
+    assert new.metrics == old.metrics and new.samples == old.samples
+    assert set(new.details) == {"seconds_image_side", "seconds_itc", "seconds_itm_pairs", "itm_pairs"}
+    assert new.details["itm_pairs"] == int(pairs.sum())
