@@ -45,8 +45,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _random_init_module():
-    """This checkout's random-init helpers, loaded by file so either tree can be measured."""
+def random_init_module():
+    """This checkout's random-init helpers, loaded by file so either tree can be measured (also
+    retrieval_scale.py's)."""
     spec = importlib.util.spec_from_file_location("vqb_random_init", REPO / "fixtures/adapters/random_init.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -242,7 +243,7 @@ def build_adapter(config_dir: Path, device, dtype, work: list[str]):
     model_type = config["model_type"]
     if model_type == "llava":
         from fixtures.adapters.llava import LlavaAdapter
-        model, processor = _random_init_module().llava_model_and_processor(config_dir, device, dtype)
+        model, processor = random_init_module().llava_model_and_processor(config_dir, device, dtype)
         return LlavaAdapter("perf", model, processor, device)
     if model_type != "blip-2":
         sys.exit(f"--config {config_dir}: model_type {model_type!r} is neither llava nor blip-2")
@@ -252,7 +253,7 @@ def build_adapter(config_dir: Path, device, dtype, work: list[str]):
     if unsupported:
         sys.exit(f"--config {config_dir}: BLIP-2 runs eval and the GPTQ/AWQ works, not {', '.join(sorted(unsupported))}")
     from fixtures.adapters.blip2 import Blip2Adapter   # the measured tree's own
-    model, processor = _random_init_module().blip2_model_and_processor(config_dir, device, dtype, retrieval=False)
+    model, processor = random_init_module().blip2_model_and_processor(config_dir, device, dtype, retrieval=False)
     return Blip2Adapter("perf", model, processor, device)
 
 

@@ -25,22 +25,15 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import inspect
 import json
 import sys
 import time
 from pathlib import Path
 
+from full_size import random_init_module   # this script's folder is on sys.path when it runs
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _random_init_module():
-    """This checkout's random-init helpers, loaded by file so either tree can be measured."""
-    spec = importlib.util.spec_from_file_location("vqb_random_init", REPO / "fixtures/adapters/random_init.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _synchronize(torch, device) -> None:
@@ -78,7 +71,7 @@ def build_adapter(config_dir: Path, device, dtype):
     from fixtures.adapters.blip2 import Blip2RetrievalAdapter   # the measured tree's own
     if (config_dir / "model.safetensors").is_file():
         return Blip2RetrievalAdapter.load("perf", str(config_dir), device, str(dtype).removeprefix("torch."))
-    model, processor = _random_init_module().blip2_model_and_processor(config_dir, device, dtype, retrieval=True)
+    model, processor = random_init_module().blip2_model_and_processor(config_dir, device, dtype, retrieval=True)
     return Blip2RetrievalAdapter("perf", model, processor, device)
 
 
