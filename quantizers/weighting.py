@@ -20,7 +20,7 @@ group in it (the authors' code computes one per inspected sub-module: attention,
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -157,7 +157,7 @@ class TokenWeighting:
                 with torch.no_grad():
                     linear.weight.copy_(fake_quantize(linear.weight, target.bits, self.config.group_size,
                                                       self.config.sym).dequantized)
-            blocks.append(type(block)(block.component, block.name, module, []))
+            blocks.append(replace(block, module=module, targets=[]))
         return Window(window.component, blocks, window.layout)
 
 
@@ -166,5 +166,4 @@ def weighted(feed: Feed, weights: list[torch.Tensor] | None) -> Feed:
     row); the feed itself when there are none."""
     if weights is None:
         return feed
-    inputs = [BlockInput(item.args, item.kwargs, w, item.hidden_key) for item, w in zip(feed.inputs, weights)]
-    return Feed(feed.window, inputs, feed.grad)
+    return replace(feed, inputs=[replace(item, token_weights=w) for item, w in zip(feed.inputs, weights)])
