@@ -20,8 +20,7 @@ import torch
 # dequantize is re-exported: codes/scale/zero/group_index of a GPTQResult rebuild .dequantized
 # bit for bit through it, since it runs the same float32 arithmetic as primitives.quantize_with,
 # which the column sweep below spells out in place.
-from quantizers.config import group_width
-from quantizers.primitives import dequantize, grid_params, grid_params_from_range  # noqa: F401
+from quantizers.primitives import dequantize, grid_params, grid_params_from_range, group_width  # noqa: F401
 
 MAX_RETRIES = 3
 # gptq_quantize_stacked starts each weight on a multiple of 16 rows: 16 float32 values are
