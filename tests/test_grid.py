@@ -201,6 +201,42 @@ def test_method_parameters_out_of_range_are_config_errors(method, params, messag
         make_config("q", method, {"language": 4}, params=params)
 
 
+@pytest.mark.parametrize("entry, message", [
+    ("{name: qv, method: qvlm, bits: {language: 4}, a_bits: 4, params: {weights: sgd}}",
+     "config 'qv': params: parameter weights must be one of rtn, gptq, got 'sgd'"),
+    ("{name: qv, method: qvlm, bits: {language: 4}}", "config 'qv': qvlm searches static activation ranges"),
+    ("{name: f, method: fp, bits: {language: 4}}", "config 'f': method fp takes no bits"),
+])
+def test_a_config_its_method_cannot_run_fails_at_grid_load(tmp_path, entry, message):
+    """The method checks the whole config when the grid loads (issue 22): a Q-VLM config with
+    an unknown inner method or no static activation ranges used to load and fail when quantized."""
+    with pytest.raises(GridError, match=rf"configs\[0\]: {message}"):
+        load_grid(write(tmp_path, GOOD.replace("{name: fp16, method: fp}", entry)))
+
+
+# Config hashes of the default grid at cc055f1 (before configs carried their method objects):
+# they key the quantized-model cache and the CSV's config_hash column, which compare matches
+# across runs, so a refactor of how a config is made must leave them as they were.
+DEFAULT_GRID_HASHES = {
+    ("llava-tiny", "fp16"): "a512fc48cad4",
+    ("blip2-tiny", "fp16"): "6f1d084126aa",
+    ("llava-tiny", "rtn-w4-all"): "c44f06ad62d3",
+    ("llava-tiny", "rtn-w4g32-all"): "8bc1855c1aaf",
+    ("llava-tiny", "gptq-w4-all"): "4234254d94e6",
+    ("blip2-tiny", "awq-w4-all"): "804c124a1213",
+    ("blip2-tiny-retrieval", "gptq-w3-all"): "e07dc4bca2f4",
+    ("llava-tiny", "awq-w4a4-all"): "cd3adce7f1f0",
+    ("llava-tiny", "qvlm-w4a4-all"): "9e1459ed07ef",
+    ("llava-tiny", "gptq-qig-w3a16-language"): "cf66cd3e3a89",
+}
+
+
+def test_default_grid_config_hashes_are_unchanged():
+    grid = load_grid(ROOT / "benchmarks" / "grids" / "default.yaml")
+    hashes = {(case.model.name, case.config.name): case.config_hash for case in grid.cases}
+    assert {key: hashes.get(key) for key in DEFAULT_GRID_HASHES} == DEFAULT_GRID_HASHES
+
+
 def test_string_booleans_and_path_names_are_grid_errors_in_expanded_entries_too(tmp_path):
     expanded = GOOD.replace("  - {name: fp16, method: fp}\n", "").replace(
         "{name: q, method: rtn, bits: {language: 4, vision: 16}, expect: {max_rel_drop: 0.1}}",

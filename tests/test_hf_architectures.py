@@ -357,7 +357,6 @@ def test_a_linear_no_calibration_row_reaches_is_rounded_to_nearest_and_said(meth
     """An expert no calibration token is routed to has no statistics: GPTQ would zero it (all its
     columns dead) and AWQ had no rows to search; both round it to nearest and say so (both
     stopped with a KeyError)."""
-    from quantizers.methods import get_method
     from quantizers.primitives import fake_quantize
     from quantizers.targets import Target
     from quantizers.walker import Block, BlockInput, Feed, Window
@@ -376,7 +375,7 @@ def test_a_linear_no_calibration_row_reaches_is_rounded_to_nearest_and_said(meth
     targets = [Target(f"e.{name}", "language", getattr(module, name), 4) for name in ("routed", "unrouted")]
     window = Window("language", [Block("language", "e", module, targets)], layouts.PLAIN)
     config = make_config(method, method, {"language": 4}, group_size=16, params={"n_grid": 4} if method == "awq" else None)
-    out = get_method(method).quantize_window(window, Feed(window, [BlockInput((torch.randn(2, 8, 32),), {})]), config)
+    out = config.method.quantize_window(window, Feed(window, [BlockInput((torch.randn(2, 8, 32),), {})]), config)
     assert torch.equal(module.unrouted.weight, expected) and module.unrouted.weight.abs().sum() > 0
     assert "no calibration input" in out.details["e.unrouted"]["fallback"]
     assert "fallback" not in out.details.get("e.routed", {})

@@ -193,12 +193,24 @@ def test_the_search_keeps_the_stop_decision_of_min_max_ranges(bench):  # noqa: F
     assert stops["qvlm"] >= stops["minmax"] - STOP_TOLERANCE, (fp_stop, stops)
 
 
-def test_qvlm_defaults_to_the_authors_quantizers_and_checks_its_objective():
+def test_qvlm_defaults_to_the_authors_quantizers_and_checks_its_objective_when_made():
     config = make_config("q", "qvlm", {"language": 4}, a_bits=4)
     assert config.a_quant == ActivationQuant("official") and config.a_quant.decode == "widen"
     assert make_config("r", "rtn", {"language": 4}, a_bits=4).a_quant == ActivationQuant()   # per token
     with pytest.raises(ConfigError, match="objective"):
-        QVLM().quantize(None, [], make_config("q", "qvlm", {"language": 4}, a_bits=4, params={"objective": "bleu"}), [{}])
+        make_config("q", "qvlm", {"language": 4}, a_bits=4, params={"objective": "bleu"})
+    with pytest.raises(ConfigError, match="static activation ranges"):
+        make_config("q", "qvlm", {"language": 4}, a_bits=4, a_quant=ActivationQuant("token"))
+
+
+@pytest.mark.parametrize("weights", ["rtn", "gptq"])
+def test_the_inner_rounding_method_is_declared_and_resolved_through_the_registry(weights):
+    """Q-VLM composes methods: its `weights` parameter names the inner method, resolved once to
+    the registry's object, which rounds each window through the protocol every such method has."""
+    params = make_config("q", "qvlm", {"language": 4}, a_bits=4, params={"weights": weights}).params
+    other = make_config("r", weights, {"language": 4}).method
+    assert params.inner == other and params.inner is params.inner
+    assert type(other).quantizes_windows() and not QVLM.quantizes_windows()
 
 
 def test_objective_weights_give_the_answer_span_its_share():
