@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fixtures.runtime.grid import CalibrationSpec, Case, ModelSpec, TaskSpec
-from fixtures.world.generate import DEFAULT_SEED, generate_world
+from fixtures.world.generate import DEFAULT_SEED, default_layout, generate_world
 from quantizers import api
 from quantizers.cache import QuantCache, cache_key
 from quantizers.config import ConfigError, make_config
@@ -24,7 +24,8 @@ MODEL = ModelSpec("llava-tiny", "llava", "fixtures/tiny/llava-tiny")
 def bench(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     # A small world where the session looks for the embedded one (same version and seed).
-    generate_world(cache / "world", seed=DEFAULT_SEED, split_images={"train": 40, "val": 20}, progress=False)
+    generate_world(cache / "world", seed=DEFAULT_SEED, layout={**default_layout(), "vqav2": {"train": 40, "val": 20}},
+                   progress=False)
     return Session.create(data_root=cache, cache_dir=cache, run_dir=tmp_path_factory.mktemp("run"),
                           device=torch.device("cpu"))
 
