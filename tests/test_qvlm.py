@@ -13,7 +13,7 @@ from quantizers.config import ActivationQuant, ConfigError, make_config
 from quantizers.methods.qvlm import QVLM, optimize_encoder
 from quantizers.targets import select_targets
 from tasks import vqav2
-from tests.test_methods import MODEL, bench, case_for, params  # noqa: F401  (bench is a fixture)
+from tests.llava_cases import MODEL, case_for, params
 
 TENSOR = ActivationQuant("tensor", "minmax")
 FAST = {"encoder_samples": 16, "encoder_epochs": 2, "entropy_samples": 2048}
