@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from tasks import coco_caption
 from tasks.base import DataError, DataMissing, TaskResult

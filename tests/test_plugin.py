@@ -150,4 +150,6 @@ def test_random_init_architecture_runs_end_to_end_and_is_labelled(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:]
     rows = read_rows(tmp_path / "r" / "results.csv")
     assert len({r["config"] for r in rows}) == 3 and all(r["weights"] == "random-init" for r in rows)
+    # The FP row is the shared baseline: it records the seconds that baseline's evaluation took.
+    assert all(float(r["eval_seconds"]) > 0 for r in rows if r["config"] == "fp16")
     assert "3 of them on random-init weights: timings and memory only, never accuracy" in out.stdout
