@@ -30,7 +30,7 @@ from quantizers.weighting import WEIGHTINGS  # noqa: E402
 from reports.rundir import RunDir, RunDirError  # noqa: E402
 from reports.summary import format_summary  # noqa: E402
 from tasks.base import DataError, DataMissing  # noqa: E402
-from tasks.registry import all_tasks  # noqa: E402
+from tasks.registry import TASKS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_GRID = ROOT / "benchmarks" / "grids" / "default.yaml"
@@ -106,7 +106,7 @@ def _register_marks(config: pytest.Config, grid: Grid) -> None:
     marks.update({name: f"calibration tokens weighted by {name} (AWQ/GPTQ params.weighting)"
                   for name in WEIGHTINGS if name != "uniform"})
     marks.update({name: f"the {name} component is quantized" for name in COMPONENT_NAMES})
-    marks.update({name: f"task {name}" for name in all_tasks()})
+    marks.update({name: f"task {name}" for name in TASKS})
     marks.update({name: f"model {name} from the grid" for name in grid.models})
     for name, help_text in marks.items():
         config.addinivalue_line("markers", f"{name}: {help_text}")

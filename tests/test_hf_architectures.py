@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fixtures.adapters import hf_experts, layouts, load_adapter
-from fixtures.adapters.base import ComponentMissing, Generation, ModelMissing
+from fixtures.adapters.base import ComponentMissing, ModelMissing
 from fixtures.adapters.hf import HFAdapter
 from fixtures.runtime.grid import load_grid
 from fixtures.runtime.models import ModelPool
@@ -26,6 +26,7 @@ from quantizers.config import make_config
 from quantizers.targets import unaccounted_weights
 from quantizers.walker import catch_inputs
 from tasks import vqav2
+from tasks.requests import Generation
 from tests.hf_tiny import save_tiny, vocabulary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,7 +68,7 @@ PLAIN_TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['ty
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
-    generate_world(root, seed=DEFAULT_SEED, split_images={"train": 2, "val": 2}, progress=False, others={})
+    generate_world(root, seed=DEFAULT_SEED, layout={"vqav2": {"train": 2, "val": 2}}, progress=False)
     train = vqav2.load_official(root / "vqav2", "train2014")
     val = vqav2.load_official(root / "vqav2", "val2014")[:N_EVAL]
     words = vocabulary([s.question for s in train + val] + [a for s in train + val for a in s.answers])
@@ -292,12 +293,13 @@ def test_mixed_layer_stack_is_walked_in_order_and_said(world):
 def test_encoder_decoder_answers_are_decoded_whole(world):
     """Florence-2's generate returns decoder tokens only: nothing is cut off as a prompt (all of
     its answers came back empty)."""
-    adapter = load(world, "florence2", generation=Generation(max_new_tokens=3, min_length=3))
-    encoded = adapter.encode([world["val"][0].image()], [adapter.prompt("short_answer", question="what is it")])
-    output, prompt_length = adapter.generate_ids(encoded, 3, {"min_new_tokens": 3})
+    adapter = load(world, "florence2")
+    generation = Generation(max_new_tokens=3, min_length=3)
+    encoded = adapter.encode([world["val"][0].image()], [adapter.short_answer_prompt("what is it")])
+    output, prompt_length = adapter.generate_ids(encoded, generation)
     assert prompt_length == 0 and encoded["input_ids"].shape[1] > output.shape[1]
     expected = adapter.processor.tokenizer.decode(output[0], skip_special_tokens=True).strip()
-    assert adapter.generate_encoded(encoded, 3) == [expected] and expected
+    assert adapter.generate_encoded(encoded, generation) == [expected] and expected
 
 
 def test_a_processor_without_any_chat_template_names_the_grid_option(world):

@@ -7,41 +7,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures.runtime.grid import CalibrationSpec, Case, ModelSpec, TaskSpec
-from fixtures.world.generate import DEFAULT_SEED, generate_world
+from fixtures.runtime.grid import CalibrationSpec
 from quantizers import api
 from quantizers.cache import QuantCache, cache_key
 from quantizers.config import ConfigError, make_config
 from quantizers.methods import all_methods
 from fixtures.runtime.models import ModelPool
-from fixtures.runtime.session import Session
 from quantizers.targets import select_targets
 from fixtures.adapters import llava
 from tasks import vqav2
+from tests.llava_cases import MODEL, case_for, params
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL = ModelSpec("llava-tiny", "llava", "fixtures/tiny/llava-tiny")
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    # A small world where the session looks for the embedded one (same version and seed).
-    generate_world(cache / "world", seed=DEFAULT_SEED, split_images={"train": 40, "val": 20}, progress=False)
-    return Session.create(data_root=cache, cache_dir=cache, run_dir=tmp_path_factory.mktemp("run"),
-                          device=torch.device("cpu"))
 
 
 def fresh_pool(session, copy=False):
     return ModelPool(torch.device("cpu"), session.data.cache_dir, copy=copy)
-
-
-def case_for(config, calibration=CalibrationSpec(samples=16, batch_size=8)):
-    return Case(MODEL, config, TaskSpec("vqav2"), calibration=calibration)
-
-
-def params(adapter):
-    return {n: p.detach().clone() for n, p in adapter.model.named_parameters()}
 
 
 # Parameters that only make a method quick enough for a unit test on the tiny model.

@@ -11,7 +11,7 @@ from quantizers.config import ConfigError, make_config
 from quantizers.gptq import HessianAccumulator
 from quantizers.targets import select_targets
 from quantizers.weighting import TokenWeighting
-from tests.test_methods import MODEL, bench, case_for, params  # noqa: F401  (bench is a fixture)
+from tests.llava_cases import MODEL, case_for, params
 
 
 def test_integrated_gradients_are_complete():
