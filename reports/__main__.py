@@ -1,5 +1,5 @@
 """Command line for results files and run dirs:
-python -m reports {compare,same,summary,plot,table,html,merge}.
+python -m reports {compare,same,summary,plot,table,html,merge,export}.
 
 Exit codes are meant for CI: 0 fine, 1 a regression was found (compare),
 2 the input could not be used (missing or malformed CSV, bad arguments),
@@ -150,6 +150,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("out", metavar="OUT_DIR", help="the merged run dir (created; must not be a shard)")
     merge.add_argument("shards", metavar="RUN_DIR", nargs="+", help="one run dir per shard")
+
+    from reports.export import add_parser as add_export
+    add_export(commands)
     return parser
 
 
@@ -191,6 +194,13 @@ def _run(args: argparse.Namespace) -> int:
         for warning in merge_runs(args.out, args.shards):
             print(f"warning: {warning}", file=sys.stderr)
         print(args.out)
+        return EXIT_OK
+    if args.command == "export":
+        from reports.export import run_export
+
+        record = run_export(args)
+        print(f"{args.out}: {record['config']} ({record['w_bits']}, {record['quantized_linears']} Linears packed), "
+              f"{record['format']}")
         return EXIT_OK
     if args.command == "same":
         from reports.compare import same_values
