@@ -36,7 +36,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from quantizers.config import ActivationQuant
+from quantizers.params import ActivationQuant
 from quantizers.primitives import QuantizationHook, grid_params_from_range, quantize_with
 
 # Linears that read an inner activation of a block (after attention or the MLP's nonlinearity),

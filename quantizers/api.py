@@ -12,7 +12,7 @@ from quantizers import activations
 from quantizers.bpw import FP_BITS, LayerRecord, bits_per_weight
 from quantizers.cache import QuantEntry, apply_entry, change_markers
 from quantizers.config import ConfigError, QuantConfig
-from quantizers.methods import QuantOutput, get_method
+from quantizers.methods import QuantOutput
 from quantizers.targets import Target, select_targets, unaccounted_weights
 
 
@@ -91,12 +91,12 @@ def _activation_ranges(adapter, config: QuantConfig, targets: list[Target], batc
 def quantize(adapter, config: QuantConfig, batches: list[dict] | None = None,
              progress: bool = False) -> tuple[QuantReport, QuantEntry | None]:
     """Quantize adapter.model in place; returns the report and the cache entry describing it."""
-    method = get_method(config.method)
+    method = config.method
     components = dict(adapter.components)
-    if not method.changes_weights:
+    if not method.changes_weights:   # the baseline: nothing to build, nothing to cache
         return QuantReport(config, bpw={k: float(FP_BITS) for k in ["model", *components]}), None
     if config.calibrates and not batches:
-        raise ConfigError(f"config {config.name!r}: method {config.method}"
+        raise ConfigError(f"config {config.name!r}: method {method.name}"
                           + (" with static activation ranges" if not method.calibrates else "")
                           + " needs calibration data")
     started = time.perf_counter()
@@ -123,6 +123,6 @@ def restore(adapter, config: QuantConfig, entry: QuantEntry) -> QuantReport:
     """Apply a cached entry to a fresh FP copy: weights, changed parameters, the method's state."""
     apply_entry(adapter.model, entry)
     ranges, method_state = activations.split_state(entry.state)
-    get_method(config.method).restore(adapter.model, method_state)
+    config.method.restore(adapter.model, method_state)
     _attach_activations(adapter, config, select_targets(adapter, config), ranges)
     return QuantReport.from_meta(config, entry.meta)

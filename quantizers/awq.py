@@ -16,8 +16,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from quantizers.bpw import FP_BITS
-from quantizers.config import group_width
-from quantizers.primitives import QuantizationHook, fake_quantize
+from quantizers.primitives import QuantizationHook, fake_quantize, group_width
 
 SCALE_BUFFER = "awq_input_scale"
 _ROW_CHUNK = 4096          # calibration rows per matmul: bounds memory on long calibration sets

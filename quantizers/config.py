@@ -1,7 +1,9 @@
 """QuantConfig: what to quantize, how, and with which method (one frozen, hashable value).
 
-A method's own settings are a typed, frozen MethodParams subclass declared by the method
-(quantizers/methods/); make_config turns a grid's `params:` mapping into it, naming any field
+A config carries its method object, resolved once from the registry (quantizers/methods/) when
+it is made; the method checks the config then (its parameters' values included), so a config
+that exists can be run. A method's own settings are a typed, frozen MethodParams subclass
+declared by the method; make_config turns a grid's `params:` mapping into it, naming any field
 the method does not have.
 """
 from __future__ import annotations
@@ -12,122 +14,19 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from quantizers.methods import Method, resolve_method
+from quantizers.params import ActivationQuant, ConfigError, MethodParams
+
 LAYER_TYPES = ("attention", "mlp", "both")
 # The suite's component vocabulary; each model family maps the ones it has to its modules.
 COMPONENT_NAMES = ("vision", "qformer", "connector", "language", "lm_head")
 MIN_BITS, MAX_BITS = 2, 8
 FULL_PRECISION = 16
 ACTIVATION_BITS = (4, 6, 8)      # below 16; each has its mark (a4, a6, a8)
-# quantizers/activations.py explains each; "official" is Q-VLM's code's mix, resolved per Linear.
-ACTIVATION_GRANULARITIES = ("token", "tensor", "channel", "position", "channel_dynamic", "official")
-STATIC_GRANULARITIES = ("tensor", "channel", "position", "official")   # ranges fitted on calibration data
-ACTIVATION_CLIPS = ("minmax", "percentile")
-DECODE_RULES = ("clip", "widen")
-
-
-class ConfigError(ValueError):
-    """A quantization config that can't be run; the message names the field."""
-
-
-@dataclass(frozen=True)
-class MethodParams:
-    """Base of every method's parameters: a frozen dataclass, so it is hashable and part of the
-    config's identity (defaults included: changing a default changes the cache key)."""
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def marks(self) -> tuple[str, ...]:
-        """pytest marks the parameters add to a config's (a token weighting: `qig`)."""
-        return ()
-
-    @classmethod
-    def parse(cls, raw: Mapping[str, Any] | None, where: str) -> "MethodParams":
-        raw = dict(raw or {})
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - set(fields))
-        if unknown:
-            allowed = ", ".join(fields) or "none"
-            raise ConfigError(f"{where}: unknown parameter(s) {', '.join(unknown)}; allowed: {allowed}")
-        for name, value in raw.items():
-            expected = getattr(fields[name].type, "__name__", fields[name].type)
-            kinds = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}.get(str(expected), (object,))
-            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-                raise ConfigError(f"{where}: parameter {name} must be {expected}, got {value!r}")
-        params = cls(**raw)
-        params.validate(where)
-        return params
-
-    def validate(self, where: str) -> None:
-        """Check the values, not only their types (a negative damping, an empty search range);
-        a method's Params overrides this and raises ConfigError naming `where` and the field."""
-
-    def _require(self, where: str, name: str, ok: bool, rule: str) -> None:
-        """For validate(): raise unless ok, naming the parameter, the rule and the value."""
-        if not ok:
-            raise ConfigError(f"{where}: parameter {name} must be {rule}, got {getattr(self, name)!r}")
-
-
-@dataclass(frozen=True)
-class ActivationQuant:
-    """How activations are quantized when a config sets a_bits (the grid's `a_quant:`); the
-    arithmetic and the hooks are in quantizers/activations.py, which explains each choice."""
-    granularity: str = "token"
-    clip: str = "minmax"
-    percentile: float = 0.999   # with clip: percentile; 1.0 would be min-max
-    sym: bool = False
-    # A decode step's token (one new token per sequence): "clip" quantizes it on the range like
-    # any token; "widen" widens the range to hold it, so generated tokens are never clipped (Q-VLM's
-    # code). Empty: the granularity's default, widen for "official", clip otherwise.
-    decode: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.decode:
-            object.__setattr__(self, "decode", "widen" if self.granularity == "official" else "clip")
-
-    @property
-    def static(self) -> bool:
-        """Some Linear's range is fitted once on calibration data (not taken from the input)."""
-        return self.granularity in STATIC_GRANULARITIES
-
-    def label(self, bits: int) -> str:
-        clip = f"p{self.percentile:g}" if self.clip == "percentile" else self.clip
-        widen = "-widen" if self.decode == "widen" and self.granularity != "token" else ""
-        return (f"a{bits}-{self.granularity}-{clip if self.static else 'dynamic'}-{'sym' if self.sym else 'asym'}"
-                f"{widen}")
-
-    @classmethod
-    def parse(cls, raw: Mapping | None, where: str) -> "ActivationQuant":
-        raw = dict(raw or {})
-        allowed = ("granularity", "clip", "percentile", "sym", "decode")
-        unknown = sorted(set(raw) - set(allowed))
-        if unknown:
-            raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
-        for name in ("granularity", "clip", "decode"):
-            if name in raw and not isinstance(raw[name], str):
-                raise ConfigError(f"{where}: {name} must be a string, got {raw[name]!r}")
-        if "sym" in raw and not isinstance(raw["sym"], bool):
-            raise ConfigError(f"{where}: sym must be true or false, got {raw['sym']!r}")
-        spec = cls(**raw)
-        if spec.granularity not in ACTIVATION_GRANULARITIES:
-            raise ConfigError(f"{where}: granularity must be one of {', '.join(ACTIVATION_GRANULARITIES)}, got {spec.granularity!r}")
-        if spec.clip not in ACTIVATION_CLIPS:
-            raise ConfigError(f"{where}: clip must be one of {', '.join(ACTIVATION_CLIPS)}, got {spec.clip!r}")
-        if spec.decode not in DECODE_RULES:
-            raise ConfigError(f"{where}: decode must be one of {', '.join(DECODE_RULES)}, got {spec.decode!r}")
-        if spec.clip == "percentile" and not spec.static:
-            raise ConfigError(f"{where}: clip percentile needs a static granularity "
-                              f"({', '.join(STATIC_GRANULARITIES)})")
-        if isinstance(spec.percentile, bool) or not isinstance(spec.percentile, (int, float)) \
-                or not 0.5 < spec.percentile <= 1.0:
-            raise ConfigError(f"{where}: percentile must be a number in (0.5, 1], got {spec.percentile!r}")
-        return spec
-
-
 @dataclass(frozen=True)
 class QuantConfig:
     name: str
-    method: str = "fp"
+    method: Method                               # resolved from the registry by make_config
     w_bits: tuple[tuple[str, int], ...] = ()     # (component, bits); absent = full precision
     a_bits: int | None = None                    # activation bits; None = 16
     a_quant: ActivationQuant = ActivationQuant()  # how, when a_bits is set (default: dynamic per token)
@@ -138,15 +37,11 @@ class QuantConfig:
     params: MethodParams = MethodParams()         # the method's own typed parameters
 
     def __post_init__(self) -> None:
-        from quantizers.methods import get_method   # the registry imports this module
         where = f"config {self.name!r}"
-        method = get_method(self.method, where)
-        if not isinstance(self.params, method.Params):
-            raise ConfigError(f"{where}: params must be {method.Params.__name__}, got {type(self.params).__name__}")
-        if not method.changes_weights and (self.w_bits or self.a_bits):
-            raise ConfigError(f"{where}: method {self.method} takes no bits")
-        if method.changes_weights and not self.w_bits:
-            raise ConfigError(f"{where}: method {self.method} needs bits for at least one component")
+        if not isinstance(self.method, Method):
+            raise ConfigError(f"{where}: method must be a registered method object (make_config resolves "
+                              f"a name), got {self.method!r}")
+        self.method.validate(self, where)
         for component, bits in self.w_bits:
             if not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
                 raise ConfigError(f"{where}: bits for {component!r} must be an integer in "
@@ -177,7 +72,7 @@ class QuantConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """Everything that changes the quantized weights (not the display name)."""
-        found = {"method": self.method, "w_bits": list(self.w_bits), "a_bits": self.a_bits,
+        found = {"method": self.method.name, "w_bits": list(self.w_bits), "a_bits": self.a_bits,
                  "group_size": self.group_size, "sym": self.sym, "layers": self.layers,
                  "layer_types": self.layer_types, "params": self.params.as_dict()}
         if self.quantizes_activations:   # only then: weight-only configs keep their hashes
@@ -196,8 +91,7 @@ class QuantConfig:
     @property
     def calibrates(self) -> bool:
         """Needs calibration batches: the method does, or static activation ranges are fitted."""
-        from quantizers.methods import get_method
-        return get_method(self.method).calibrates or (self.quantizes_activations and self.a_quant.static)
+        return self.method.calibrates or (self.quantizes_activations and self.a_quant.static)
 
     def hash(self, *extra: Any) -> str:
         blob = json.dumps([self.fingerprint(), *extra], sort_keys=True, default=str)
@@ -223,21 +117,17 @@ def layer_filter(spec: str, depth: int) -> set[int]:
     return chosen
 
 
-def group_width(in_features: int, group_size: int) -> int:
-    """Columns per quantization group: -1, or a group as wide as the row or wider, is one group
-    per output channel. The one place this rule lives (RTN, GPTQ, AWQ and the cache use it)."""
-    return in_features if group_size == -1 or group_size >= in_features else group_size
-
-
 def make_config(name: str, method: str, bits: Mapping[str, int] | None = None, **kwargs) -> QuantConfig:
-    """A QuantConfig from plain values; `params` is a mapping parsed into the method's type."""
-    from quantizers.methods import get_method
+    """A QuantConfig from plain values: `method` is a registered name, resolved here to its
+    object; `params` is a mapping parsed into the method's type (or that type itself)."""
+    where = f"config {name!r}"
+    resolved = resolve_method(method, where)
     params = kwargs.pop("params", None)
     if not isinstance(params, MethodParams):
-        params = get_method(method, f"config {name!r}").Params.parse(params, f"config {name!r}: params")
+        params = resolved.Params.parse(params, f"{where}: params")
     if kwargs.get("a_quant") is None:   # not given: the method's default (its authors' quantizers)
         kwargs.pop("a_quant", None)
         if kwargs.get("a_bits"):
-            kwargs["a_quant"] = get_method(method, f"config {name!r}").default_a_quant
-    return QuantConfig(name=name, method=method, w_bits=tuple(sorted((bits or {}).items())),
+            kwargs["a_quant"] = resolved.default_a_quant
+    return QuantConfig(name=name, method=resolved, w_bits=tuple(sorted((bits or {}).items())),
                        params=params, **kwargs)

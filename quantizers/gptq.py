@@ -20,8 +20,7 @@ import torch
 # dequantize is re-exported: codes/scale/zero/group_index of a GPTQResult rebuild .dequantized
 # bit for bit through it, since it runs the same float32 arithmetic as primitives.quantize_with,
 # which the column sweep below spells out in place.
-from quantizers.config import group_width
-from quantizers.primitives import dequantize, grid_params, grid_params_from_range  # noqa: F401
+from quantizers.primitives import dequantize, grid_params, grid_params_from_range, group_width  # noqa: F401
 
 MAX_RETRIES = 3
 # gptq_quantize_stacked starts each weight on a multiple of 16 rows: 16 float32 values are
@@ -147,7 +146,7 @@ def _sweep_block(w_block, hinv_block, column_scales, column_zeros, err_block, q_
     Per column this issues ten in-place kernels on preallocated buffers, each the same IEEE
     operation, in the same order, as the plain formulation q = clamp(round(w / s) + z),
     dq = s (q - z), err = (w - dq) / d, W1 -= err h^T; so the result is bit for bit that of the
-    earlier column-at-a-time code (frozen in benchmarks/perf/_reference_quant.py). No fused
+    earlier column-at-a-time code (frozen in tests/reference_quant.py). No fused
     multiply-add (addr_, addcmul_) is used: fusing would round once where the plain form rounds
     twice."""
     width = w_block.shape[1]

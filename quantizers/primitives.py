@@ -12,8 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from quantizers.config import group_width
-
 
 @dataclass
 class QuantizedTensor:
@@ -34,6 +32,12 @@ class QuantizationHook:
     """Base of every forward pre-hook quantization leaves on a model (activation fake-quant, AWQ's
     explicit input scale). The runtime undoes a config by removing exactly these: the model's
     own hooks (transformers installs some lazily, at the first forward) stay."""
+
+
+def group_width(in_features: int, group_size: int) -> int:
+    """Columns per quantization group: -1, or a group as wide as the row or wider, is one group
+    per output channel. The one place this rule lives (RTN, GPTQ, AWQ and the cache use it)."""
+    return in_features if group_size == -1 or group_size >= in_features else group_size
 
 
 def plain_group_index(in_features: int, group_size: int) -> torch.Tensor:

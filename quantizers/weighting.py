@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from quantizers import qig
-from quantizers.config import MethodParams
+from quantizers.params import MethodParams
 from quantizers.primitives import fake_quantize
 from quantizers.walker import Block, BlockInput, Feed, Window, blocks_of, catch_inputs, run_window
 
@@ -71,8 +71,7 @@ class TokenWeighting:
     called once per window, in the walker's order, before the window is quantized."""
 
     def __init__(self, adapter, targets, batches: list[dict], config):
-        self.params: WeightedParams = config.params
-        self.params.validate(f"config {config.name!r}: params")
+        self.params: WeightedParams = config.params   # checked when the config was made
         self.config = config
         self.enabled = self.params.weighting != "uniform"
         self.details: dict[str, dict] = {}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from reports.paired import PairedInterval, paired_bootstrap, read_sample_scores, score_fields
 from reports.runs import Run
@@ -202,15 +201,6 @@ def compare_runs(base_run: Run, head_run: Run, tolerance: float = 1.0, allow_rem
     findings = [_judge(base_run, head_run, key, base.get(key), head.get(key), tolerance, problems)
                 for key in sorted(set(base) | set(head), key=reading_order)]
     return Comparison(findings, tolerance, problems, _head_missing(base, head, head_run, allow_removed))
-
-
-def compare(base_rows: Sequence[dict[str, str]], head_rows: Sequence[dict[str, str]],
-            tolerance: float = 1.0) -> tuple[str, bool]:
-    """Rows in, (markdown report, whether anything regressed) out: tolerance only, since rows
-    alone carry no per-sample logs."""
-    from reports.compare_markdown import format_markdown
-    comparison = compare_runs(Run(Path("base"), list(base_rows)), Run(Path("head"), list(head_rows)), tolerance)
-    return format_markdown(comparison), comparison.regressed
 
 
 def same_values(base_rows: Sequence[dict[str, str]], head_rows: Sequence[dict[str, str]]) -> tuple[str, bool]:

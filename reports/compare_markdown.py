@@ -3,9 +3,13 @@ then improvements), then what could not be judged (not comparable), then the gri
 (added, removed configs); unchanged metrics folded away; input problems last."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 from reports.compare import (ADDED, IMPROVEMENT, NOT_COMPARABLE, REGRESSION, REMOVED, UNCHANGED, Comparison,
-                             Finding)
+                             Finding, compare_runs)
 from reports.paired import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE
+from reports.runs import Run
 
 _SECTIONS = ((REGRESSION, "Regressions"), (IMPROVEMENT, "Improvements"), (NOT_COMPARABLE, "Not comparable"),
              (ADDED, "Added configs"), (REMOVED, "Removed configs"))
@@ -89,3 +93,11 @@ def format_markdown(comparison: Comparison, base_label: str = "", head_label: st
         f"{comparison.tolerance:g}); {counts[ADDED]} added, {counts[REMOVED]} removed, {counts[NOT_COMPARABLE]} "
         f"not comparable (measured on different samples or device kinds, or with random-init weights).")
     return "\n".join(lines)
+
+
+def compare(base_rows: Sequence[dict[str, str]], head_rows: Sequence[dict[str, str]],
+            tolerance: float = 1.0) -> tuple[str, bool]:
+    """Rows in, (markdown report, whether anything regressed) out: tolerance only, since rows
+    alone carry no per-sample logs."""
+    comparison = compare_runs(Run(Path("base"), list(base_rows)), Run(Path("head"), list(head_rows)), tolerance)
+    return format_markdown(comparison), comparison.regressed

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from reports.schema import is_primary, parse_float
-from tasks.registry import UnknownTask, get_task
+from tasks.registry import TASKS, UnknownTask
 
 # The diagnostic shown beside a score: the first of the task's diagnostics (a failure rate).
 _FAILURE_RATE = 0
@@ -17,7 +17,7 @@ _FAILURE_RATE = 0
 
 def _failure_metric(task: str) -> str | None:
     try:
-        diagnostics = get_task(task).diagnostics
+        diagnostics = TASKS.get(task).diagnostics
     except UnknownTask:
         return None
     return diagnostics[_FAILURE_RATE] if diagnostics else None

@@ -16,7 +16,7 @@ from reports.compare_markdown import finding_cells
 from reports.plots import make_figures, png_bytes
 from reports.runs import Run, load_run
 from reports.schema import is_primary, is_random_init, parse_float
-from tasks.registry import UnknownTask, get_task
+from tasks.registry import TASKS, UnknownTask
 
 REPORT_NAME = "report.html"
 
@@ -96,7 +96,7 @@ _TAIL_HEADERS = ("n", "status")
 def _diagnostics(task: str) -> tuple[str, ...]:
     """The task's secondary metrics that say why its score moved (tasks.registry), shown beside it."""
     try:
-        return get_task(task).diagnostics
+        return TASKS.get(task).diagnostics
     except UnknownTask:
         return ()
 

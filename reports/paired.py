@@ -49,11 +49,11 @@ class PairedInterval:
 def score_fields(task: str) -> tuple[str, str] | None:
     """(sample id field, sample score field) of a registered task, or None when it has none."""
     try:
-        from tasks.registry import UnknownTask, get_task
+        from tasks.registry import TASKS, UnknownTask
     except ImportError:   # the reports package used without the tasks package (a copied folder)
         return None
     try:
-        definition = get_task(task)
+        definition = TASKS.get(task)
     except UnknownTask:
         return None
     if definition.sample_score is None:

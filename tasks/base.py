@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterator, Sequence
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from tasks.requests import Generation
+
 
 class DataError(Exception):
     """Data that exists but cannot be used: one line naming the file and the problem."""
@@ -93,22 +95,22 @@ def batched(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start:start + size]
 
 
-def generate_replies(adapter: Any, samples: Sequence, prompt_of: Callable[[Any], str], max_new_tokens: int,
+def generate_replies(adapter: Any, samples: Sequence, prompt_of: Callable[[Any], str], generation: Generation,
                      batch_size: int, desc: str, progress: bool = True,
                      unit: str = "q") -> Iterator[tuple[Any, str, str]]:
-    """(sample, prompt, greedy reply) for every sample, in order, generated in batches under a
+    """(sample, prompt, reply decoded with `generation`) for every sample, in order, generated in batches under a
     progress bar: the loop every generative task shares; each task only prompts and scores.
 
     The next batch is read and encoded (images decoded, resized, normalized; prompts tokenized)
     on a background thread while the device generates the current one: the same inputs as one
-    after the other, with the host's work off the device's critical path. With the model's
+    after the other, with the host's work off the device's critical path. With
     `generation.length_buckets`, batches are formed from prompts of similar token length (less
     padding to prefill; replies still come back in the samples' order)."""
     # Bucketing needs every prompt up front; otherwise each is formatted with its batch, in the
     # background thread.
     all_prompts = None
     order = list(range(len(samples)))
-    if getattr(getattr(adapter, "generation", None), "length_buckets", False):
+    if generation.length_buckets:
         all_prompts = [prompt_of(sample) for sample in samples]
         order = length_order(adapter, all_prompts)
 
@@ -126,7 +128,7 @@ def generate_replies(adapter: Any, samples: Sequence, prompt_of: Callable[[Any],
             prompts, encoded = pending.result()
             if index + 1 < len(batches):
                 pending = pool.submit(encode, batches[index + 1])
-            texts = adapter.generate_encoded(encoded, max_new_tokens)
+            texts = adapter.generate_encoded(encoded, generation)
             replies.update((i, (samples[i], prompt, text)) for i, prompt, text in zip(batch, prompts, texts))
             bar.update(len(batch))
             while next_out in replies:   # in order: streamed when unsorted, at the end when sorted

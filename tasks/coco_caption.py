@@ -33,10 +33,11 @@ from PIL import Image
 from tasks.base import (DataError, DataMissing, LazyImage, TaskResult, generate_replies, karpathy_sentences, load_hf_rows,
                         open_image, read_json, require)
 from tasks.registry import TaskDef, register_task
+from tasks.requests import Caption, Generation
 
 NAME = "coco_caption"
 PRIMARY_METRIC = "CIDEr"
-MAX_NEW_TOKENS = 30
+GENERATION = Generation(max_new_tokens=30)
 
 KARPATHY_FILE = "dataset_coco.json"
 # Splits as the grid names them -> the official subset; the subset names are accepted too.
@@ -220,12 +221,12 @@ def load_hf(dataset: str, split: str, revision: str | None = None) -> list[Capti
 
 
 # -- evaluation --------------------------------------------------------------------------------
-def evaluate(adapter: Any, samples: list[CaptionSample], batch_size: int = 32,
-             progress: bool = True) -> TaskResult:
-    """Greedy captions (the adapter's caption prompt, adapter.generate) scored with caption_scores."""
+def evaluate(adapter: Caption, samples: list[CaptionSample], batch_size: int = 32,
+             progress: bool = True, generation: Generation = GENERATION) -> TaskResult:
+    """Captions (the adapter's caption prompt; greedy by default) scored with caption_scores."""
     require_java()
     logs: list[dict[str, Any]] = []
-    replies = generate_replies(adapter, samples, lambda _: adapter.prompt("caption"), MAX_NEW_TOKENS,
+    replies = generate_replies(adapter, samples, lambda _: adapter.caption_prompt(), generation,
                                batch_size, NAME, progress, unit="img")
     for sample, prompt, prediction in replies:
         logs.append({"image_id": sample.image_id, "prompt": prompt,
@@ -244,4 +245,4 @@ def evaluate(adapter: Any, samples: list[CaptionSample], batch_size: int = 32,
 TASK = register_task(TaskDef(
     name=NAME, folder="coco", default_split="test", requests=("caption",),
     primary_metric=PRIMARY_METRIC, higher_is_better=True, load_official=load_official, load_hf=load_hf,
-    evaluate=evaluate, sample_id="image_id"))
+    evaluate=evaluate, sample_id="image_id", generation=GENERATION))

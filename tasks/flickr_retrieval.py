@@ -6,21 +6,14 @@ Sources (no HF schema is maintained for it; use --data-root):
   (val/test) or one string per record (train), images at {image} relative to the root.
 When both are present the Karpathy file wins.
 
-The adapter this task needs (BLIP-2's retrieval model: ViT + Q-Former, no LLM):
-- image_embeddings(images) -> Tensor (n, n_query, d): L2-normalized query embeddings;
-- text_embeddings(texts) -> Tensor (n, d): L2-normalized text embeddings;
-- itm_scores(images, texts) -> Tensor (n,): ITM positive logit (or probability) of aligned pairs.
-  evaluate passes one image repeated for several texts per call, so an adapter may encode it once.
-
-An adapter may also offer the shared image side, which evaluate then uses instead (the protocol
-re-scores up to k_test pairs per image and per text, so re-running the vision tower per pair costs
-more than everything else together):
-- image_features(images) -> Tensor (n, ...): whatever the adapter needs per image (BLIP-2: the
-  vision tower's output), computed once per image per evaluation and kept on the device;
-- image_embeddings_from_features(features) -> as image_embeddings, from those rows;
-- itm_scores_from_features(features, image_idx, texts) -> Tensor (n,): as itm_scores, pair j
-  being row image_idx[j] of features with texts[j]; the pairs may come from any images.
-Both paths must give the same scores (tests/test_flickr_retrieval.py checks it bit for bit).
+The adapter answers `retrieval` requests (tasks/requests.py: Retrieval, BLIP-2's retrieval model:
+ViT + Q-Former, no LLM): image_embeddings, text_embeddings, and itm_scores of aligned pairs;
+evaluate passes one image repeated for several texts per itm_scores call, so an adapter may
+encode it once. An adapter that implements SharedImageSide (the image side once per image:
+the protocol re-scores up to k_test pairs per image and per text, so re-running the vision
+tower per pair costs more than everything else together) is evaluated through it instead, its
+ITM pairs batched across images. Both paths must give the same scores
+(tests/test_flickr_retrieval.py checks it bit for bit).
 
 Metrics (percent): txt_r1/5/10 image->text (an image is a hit at K if any of its captions ranks in
 its top K), img_r1/5/10 text->image, txt_r_mean, img_r_mean, r_mean (primary).
@@ -42,6 +35,7 @@ from tqdm import tqdm
 from tasks.base import (DataError, DataMissing, LazyImage, TaskResult, batched, karpathy_sentences, open_image, read_json,
                         require, seeded_indices)
 from tasks.registry import TaskDef, register_task
+from tasks.requests import Retrieval, SharedImageSide
 
 NAME = "flickr_retrieval"
 PRIMARY_METRIC = "r_mean"
@@ -194,9 +188,8 @@ def load_hf(dataset: str, split: str, revision: str | None = None) -> RetrievalS
 
 
 # -- evaluation --------------------------------------------------------------------------------
-def shares_image_side(adapter: Any) -> bool:
-    return all(hasattr(adapter, name) for name in
-               ("image_features", "image_embeddings_from_features", "itm_scores_from_features"))
+def shares_image_side(adapter: Retrieval) -> bool:
+    return isinstance(adapter, SharedImageSide)
 
 
 def _text_embeddings(adapter: Any, data: RetrievalSet, batch_size: int, bar: tqdm) -> torch.Tensor:
@@ -298,7 +291,7 @@ def _rerank(itc: torch.Tensor, itm: torch.Tensor, top: torch.Tensor) -> torch.Te
     return torch.where(top, itm + itc, torch.full_like(itc, float("-inf")))
 
 
-def evaluate(adapter: Any, data: RetrievalSet | list[FlickrImage], k_test: int = 128,
+def evaluate(adapter: Retrieval, data: RetrievalSet | list[FlickrImage], k_test: int = 128,
              batch_size: int = 64, progress: bool = True, pair_batch_size: int | None = None) -> TaskResult:
     """ITC ranks every pair; the top k_test candidates of each image (texts) and of each text
     (images) are re-scored with ITM + ITC; recalls come from those re-ranked scores.

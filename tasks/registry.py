@@ -2,29 +2,20 @@
 
 The grid validates task names and options against it, the runtime loads, subsets and evaluates
 through it, the plugin turns its names into marks, and a model family serves a task when its
-adapter answers every request kind the task sends. Adding a task means adding its module here
-(it is found by name: every module of this package that registers a TaskDef), its thin test
-module under benchmarks/, and its writer in the embedded world; nothing else.
+adapter answers every request kind the task sends (tasks/requests.py). Adding a task means
+adding its module to this package (discovered: every module that registers a TaskDef), its thin
+test module under benchmarks/, and its writer in the embedded world (fixtures/world/); nothing
+else.
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Sequence
 
+from quantizers.registry import Registry, UnknownEntry
 from tasks.base import seeded_subset
-
-# What a task may ask of a model adapter (fixtures/adapters/base.py documents each):
-#   short_answer                  open VQA answered in a word or phrase (VQAv2)
-#   short_answer_or_unanswerable  the same, allowed to say it cannot tell (VizWiz)
-#   caption                       one-sentence caption (COCO)
-#   multiple_choice               an option letter from lettered choices (ScienceQA)
-#   retrieval                     image/text embeddings and image-text match scores (Flickr30k)
-#   text_likelihood               the language model alone, as a causal LM (text perplexity)
-REQUEST_KINDS = ("short_answer", "short_answer_or_unanswerable", "caption", "multiple_choice",
-                 "retrieval", "text_likelihood")
+from tasks.requests import REQUEST_KINDS, Generation
 
 
 @dataclass(frozen=True)
@@ -37,7 +28,9 @@ class TaskDef:
     higher_is_better: bool
     load_official: Callable[..., Sequence]      # (root, split) -> samples
     load_hf: Callable[..., Sequence]            # (dataset, split, revision) -> samples
-    evaluate: Callable[..., Any]                # (adapter, samples, batch_size, progress, **options) -> TaskResult
+    # (adapter, samples, batch_size, progress, **options) -> TaskResult; a task that generates
+    # also takes generation= (a Generation: its defaults below with the grid's overrides)
+    evaluate: Callable[..., Any]
     sample_id: str               # the per-sample log field that names a sample across runs
     # The per-sample log field holding the sample's own score (mean over samples = the primary
     # metric), for paired comparisons across runs; None where the metric is corpus-level
@@ -52,6 +45,8 @@ class TaskDef:
     # Secondary metrics that say why the primary one moved (the share of replies that fail the
     # answer format, their mean length): the report shows them beside the primary metric.
     diagnostics: tuple[str, ...] = ()
+    # Decoding defaults of its generative requests (its own max_new_tokens); None: it sends none.
+    generation: Generation | None = None
 
     def __post_init__(self) -> None:
         unknown = [kind for kind in self.requests if kind not in REQUEST_KINDS]
@@ -59,39 +54,14 @@ class TaskDef:
             raise ValueError(f"task {self.name}: unknown request kind(s) {unknown}; known: {REQUEST_KINDS}")
 
 
-class UnknownTask(KeyError):
-    def __str__(self) -> str:
-        return self.args[0]
+class UnknownTask(UnknownEntry):
+    """A task name no module of tasks/ registers."""
 
 
-_TASKS: dict[str, TaskDef] = {}
-_DISCOVERED: list[bool] = []
+# Shared code, not tasks: never imported for discovery.
+TASKS: Registry[TaskDef] = Registry("task", "tasks", skip=("base", "registry", "requests", "vqa_eval"),
+                                    error=UnknownTask)
 
 
 def register_task(task: TaskDef) -> TaskDef:
-    if task.name in _TASKS and _TASKS[task.name] is not task:
-        raise ValueError(f"task {task.name!r} is registered twice")
-    _TASKS[task.name] = task
-    return task
-
-
-def _discover() -> None:
-    if _DISCOVERED:
-        return
-    import tasks
-    for module in pkgutil.iter_modules(tasks.__path__):
-        if module.name not in ("base", "registry"):
-            importlib.import_module(f"tasks.{module.name}")
-    _DISCOVERED.append(True)
-
-
-def all_tasks() -> dict[str, TaskDef]:
-    _discover()
-    return dict(sorted(_TASKS.items()))
-
-
-def get_task(name: str) -> TaskDef:
-    tasks = all_tasks()
-    if name not in tasks:
-        raise UnknownTask(f"unknown task {name!r}; known: {', '.join(tasks)}")
-    return tasks[name]
+    return TASKS.register(task.name, task)

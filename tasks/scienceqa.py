@@ -27,10 +27,11 @@ from PIL import Image
 from tasks.base import (DataError, LazyImage, TaskResult, generate_replies, load_hf_rows, open_image, percent_by_group,
                         read_json, require)
 from tasks.registry import TaskDef, register_task
+from tasks.requests import Generation, MultipleChoice
 
 NAME = "scienceqa"
 PRIMARY_METRIC = "accuracy"
-MAX_NEW_TOKENS = 5  # a letter, maybe with "." and a few words of the option after it
+GENERATION = Generation(max_new_tokens=5)  # a letter, maybe with "." and a few words of the option after it
 HF_CONFIG = "ScienceQA-IMG"
 _PROBLEM_FIELDS = ("question", "choices", "answer", "hint", "image", "split", "subject")
 
@@ -148,17 +149,16 @@ def load_hf(dataset: str, split: str, revision: str | None = None,
     return samples
 
 
-def evaluate(adapter: Any, samples: list[ScienceQASample], batch_size: int = 32,
-             progress: bool = True) -> TaskResult:
-    """Greedy option letters for every sample; accuracy (in %) overall, per subject, per
+def evaluate(adapter: MultipleChoice, samples: list[ScienceQASample], batch_size: int = 32,
+             progress: bool = True, generation: Generation = GENERATION) -> TaskResult:
+    """Option letters (greedy by default) for every sample; accuracy (in %) overall, per subject, per
     context type, the share of replies naming no option (parse_failures, in %: the answer format's
     failures) and the replies' mean length in words (answer_words)."""
     logs: list[dict[str, Any]] = []
     by_subject: dict[str, list[bool]] = defaultdict(list)
     by_context: dict[str, list[bool]] = defaultdict(list)
-    replies = generate_replies(adapter, samples, lambda s: adapter.prompt("multiple_choice", question=s.question,
-                                                                   choices=s.choices, hint=s.hint),
-                               MAX_NEW_TOKENS, batch_size, NAME, progress)
+    replies = generate_replies(adapter, samples, lambda s: adapter.multiple_choice_prompt(s.question, s.choices, s.hint),
+                               generation, batch_size, NAME, progress)
     for sample, prompt, prediction in replies:
         parsed = parse_choice(prediction, len(sample.choices))
         correct = parsed == sample.answer
@@ -180,4 +180,5 @@ def evaluate(adapter: Any, samples: list[ScienceQASample], batch_size: int = 32,
 TASK = register_task(TaskDef(
     name=NAME, folder="scienceqa", default_split="test", requests=("multiple_choice",),
     primary_metric=PRIMARY_METRIC, higher_is_better=True, load_official=load_official, load_hf=load_hf,
-    evaluate=evaluate, diagnostics=("parse_failures", "answer_words"), sample_id="pid", sample_score="correct"))
+    evaluate=evaluate, diagnostics=("parse_failures", "answer_words"), sample_id="pid", sample_score="correct",
+    generation=GENERATION))

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from tasks import coco_caption
 from tasks.base import DataError, DataMissing, TaskResult
 from tasks.registry import TaskDef, register_task
+from tasks.requests import TextLikelihood
 
 NAME = "text_ppl"
 PRIMARY_METRIC = "word_perplexity"
@@ -56,7 +56,7 @@ def load_hf(dataset: str, split: str, revision: str | None = None) -> list[str]:
                       "no HF schema is defined")
 
 
-def evaluate(adapter: Any, texts: list[str], batch_size: int = 32, progress: bool = True) -> TaskResult:
+def evaluate(adapter: TextLikelihood, texts: list[str], batch_size: int = 32, progress: bool = True) -> TaskResult:
     from lm_eval import simple_evaluate  # imported here: slow, and only this task needs it
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager

@@ -23,11 +23,12 @@ from PIL import Image
 from tasks.base import (DataError, LazyImage, TaskResult, generate_replies, load_hf_rows, open_image, percent_by_group,
                         read_json, require)
 from tasks.registry import TaskDef, register_task
+from tasks.requests import Generation, ShortAnswerOrUnanswerable
 from tasks.vqa_eval import answer_format_metrics, normalize_answer, vqa_accuracy
 
 NAME = "vizwiz"
 PRIMARY_METRIC = "accuracy"
-MAX_NEW_TOKENS = 10
+GENERATION = Generation(max_new_tokens=10)
 UNANSWERABLE = "unanswerable"
 
 
@@ -144,17 +145,17 @@ def _detection_metrics(predictions: list[str], samples: list[VizWizSample]) -> d
             "unanswerable_ap": 100.0 * average_precision([float(f) for f in flagged], labels)}
 
 
-def evaluate(adapter: Any, samples: list[VizWizSample], batch_size: int = 32,
-             progress: bool = True) -> TaskResult:
-    """Greedy short answers scored with VQA accuracy (in %), overall, per answer type
+def evaluate(adapter: ShortAnswerOrUnanswerable, samples: list[VizWizSample], batch_size: int = 32,
+             progress: bool = True, generation: Generation = GENERATION) -> TaskResult:
+    """Short answers (greedy by default) scored with VQA accuracy (in %), overall, per answer type
     (accuracy_type_<type>: the type "unanswerable" would otherwise clash with the next two),
     accuracy_answerable / accuracy_unanswerable by the answerable flag, and unanswerable
     detection (unanswerable_f1, unanswerable_ap, in %)."""
     logs: list[dict[str, Any]] = []
     by_type: dict[str, list[float]] = defaultdict(list)
     by_answerable: dict[str, list[float]] = defaultdict(list)
-    replies = generate_replies(adapter, samples, lambda s: adapter.prompt("short_answer_or_unanswerable", question=s.question),
-                               MAX_NEW_TOKENS, batch_size, NAME, progress)
+    replies = generate_replies(adapter, samples, lambda s: adapter.short_answer_or_unanswerable_prompt(s.question),
+                               generation, batch_size, NAME, progress)
     for sample, _, prediction in replies:
         score = vqa_accuracy(prediction, sample.answers)
         by_type[sample.answer_type].append(score)
@@ -175,4 +176,5 @@ def evaluate(adapter: Any, samples: list[VizWizSample], batch_size: int = 32,
 TASK = register_task(TaskDef(
     name=NAME, folder="vizwiz", default_split="val", requests=("short_answer_or_unanswerable",),
     primary_metric=PRIMARY_METRIC, higher_is_better=True, load_official=load_official, load_hf=load_hf,
-    evaluate=evaluate, diagnostics=("format_failures", "answer_words"), sample_id="image", sample_score="score"))
+    evaluate=evaluate, diagnostics=("format_failures", "answer_words"), sample_id="image", sample_score="score",
+    generation=GENERATION))

@@ -18,11 +18,12 @@ from PIL import Image
 from tasks.base import (DataError, LazyImage, TaskResult, generate_replies, load_hf_rows, open_image, percent_by_group,
                         read_json, require)
 from tasks.registry import TaskDef, register_task
+from tasks.requests import Generation, ShortAnswer
 from tasks.vqa_eval import answer_format_metrics, vqa_accuracy
 
 NAME = "vqav2"
 PRIMARY_METRIC = "accuracy"
-MAX_NEW_TOKENS = 10
+GENERATION = Generation(max_new_tokens=10)
 
 
 @dataclass
@@ -86,12 +87,12 @@ def load_hf(dataset: str, split: str, revision: str | None = None) -> list[VQASa
     return samples
 
 
-def evaluate(adapter: Any, samples: list[VQASample], batch_size: int = 32,
-             progress: bool = True) -> TaskResult:
-    """Greedy short answers for every sample, scored with the official VQA accuracy (in %)."""
+def evaluate(adapter: ShortAnswer, samples: list[VQASample], batch_size: int = 32,
+             progress: bool = True, generation: Generation = GENERATION) -> TaskResult:
+    """Short answers (greedy by default) for every sample, scored with the official VQA accuracy (in %)."""
     logs: list[dict[str, Any]] = []
     by_type: dict[str, list[float]] = defaultdict(list)
-    replies = generate_replies(adapter, samples, lambda s: adapter.prompt("short_answer", question=s.question), MAX_NEW_TOKENS,
+    replies = generate_replies(adapter, samples, lambda s: adapter.short_answer_prompt(s.question), generation,
                                batch_size, NAME, progress)
     for sample, prompt, prediction in replies:
         score = vqa_accuracy(prediction, sample.answers)
@@ -110,4 +111,5 @@ TASK = register_task(TaskDef(
     name=NAME, folder="vqav2", default_split="val", requests=("short_answer",),
     primary_metric=PRIMARY_METRIC, higher_is_better=True, load_official=load_official, load_hf=load_hf,
     evaluate=evaluate, diagnostics=("format_failures", "answer_words"), sample_id="question_id", sample_score="score",
+    generation=GENERATION,
     calibration_pair=lambda sample: (sample.question, sample.multiple_choice_answer)))

@@ -7,5 +7,5 @@ class EncodesInline:
     def encode(self, images, prompts):
         return images, prompts
 
-    def generate_encoded(self, encoded, max_new_tokens):
-        return self.generate(*encoded, max_new_tokens)
+    def generate_encoded(self, encoded, generation):
+        return self.generate(*encoded, generation)

@@ -9,7 +9,7 @@ from torch import nn
 from fixtures.runtime.grid import GridError, load_grid
 from quantizers import activations, api
 from quantizers.config import ActivationQuant, ConfigError, make_config
-from tests.test_methods import MODEL, bench, case_for  # noqa: F401  (bench is a fixture)
+from tests.llava_cases import MODEL, case_for
 
 TENSOR_MINMAX = ActivationQuant("tensor", "minmax")
 

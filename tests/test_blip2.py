@@ -15,6 +15,7 @@ from fixtures.training.outliers import OutlierSpec, add_weight_outliers
 from fixtures.training.train_blip2 import encode_lm, init_from_retrieval, plant_outliers
 from fixtures.world.scenes import COLORS, POSITIONS, SHAPES, SIZES, render, sample_scene
 from fixtures.adapters.layouts import ALL_KNOWN
+from tasks.requests import Generation
 from quantizers.folds import norm_linear_pairs
 
 CPU = torch.device("cpu")
@@ -87,19 +88,19 @@ def test_query_tokens_are_not_all_equal(generative):
 
 # -- generative adapter ---------------------------------------------------------------------------
 def test_generative_adapter_components_resolve(generative):
-    assert FAMILIES["blip2"] is Blip2Adapter and FAMILIES["blip2-retrieval"] is Blip2RetrievalAdapter
+    assert FAMILIES.get("blip2") is Blip2Adapter and FAMILIES.get("blip2-retrieval") is Blip2RetrievalAdapter
     for name in generative.components:
         generative.component(name)
     assert generative.component("lm_head") is generative.model.get_output_embeddings()
     assert set(generative.quantizable) <= set(generative.components)
-    assert generative.prompt("short_answer", question="is it red?") == "Question: is it red? Short answer:"
-    assert generative.prompt("caption") == "a photo of"
+    assert generative.short_answer_prompt("is it red?") == "Question: is it red? Short answer:"
+    assert generative.caption_prompt() == "a photo of"
 
 
 def test_generate_batched_equals_batch_size_one(generative, images):
-    prompts = [generative.prompt("short_answer", question=q) for q in QUESTIONS[:5]] + [generative.prompt("caption")]
-    batched = generative.generate(images, prompts, max_new_tokens=6)
-    single = [generative.generate([im], [p], max_new_tokens=6)[0] for im, p in zip(images, prompts)]
+    prompts = [generative.short_answer_prompt(q) for q in QUESTIONS[:5]] + [generative.caption_prompt()]
+    batched = generative.generate(images, prompts, Generation(max_new_tokens=6))
+    single = [generative.generate([im], [p], Generation(max_new_tokens=6))[0] for im, p in zip(images, prompts)]
     assert all(isinstance(text, str) for text in batched)
     assert batched == single
     # Only new text comes back: with one word per token, never more words than new tokens.
@@ -120,7 +121,7 @@ def test_generative_inputs_put_query_placeholders_first(generative, images):
 def test_training_layout_matches_the_processor(generative, images):
     """train_blip2 pre-encodes rows itself; they must be what the processor gives, and only the
     target and EOS may carry labels."""
-    prompts = [generative.prompt("short_answer", question=QUESTIONS[0]), generative.prompt("caption")]
+    prompts = [generative.short_answer_prompt(QUESTIONS[0]), generative.caption_prompt()]
     targets = ["red", CAPTIONS[0]]
     examples = encode_lm(generative, prompts, targets, [0, 1])
     eos = generative.processor.tokenizer.eos_token
@@ -200,7 +201,7 @@ def test_folds_cover_blip2_vision_mlp_and_nothing_inexact(generative):
 
 def test_outliers_leave_generative_logits_unchanged(generative, images):
     model = generative.model
-    probe = generative.model_inputs(images, [generative.prompt("short_answer", question=q) for q in QUESTIONS])
+    probe = generative.model_inputs(images, [generative.short_answer_prompt(q) for q in QUESTIONS])
     before = {n: p.clone() for n, p in model.named_parameters()}
     change = add_weight_outliers(model, OutlierSpec(channels=2, factor=16.0, seed=0), probe=probe)
     assert change < 1e-5

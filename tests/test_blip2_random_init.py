@@ -55,7 +55,7 @@ def test_generative_random_init_has_the_released_prompt_layout(tmp_path):
     tokenizer = adapter.processor.tokenizer
     assert len(tokenizer) == 50304 and tokenizer.convert_tokens_to_ids(["<pad>", "</s>", "<image>"]) == [1, 2, 50265]
     question = "what color is the circle ?"
-    prompts = [adapter.prompt("short_answer", question=question), adapter.prompt("short_answer", question="how many")]
+    prompts = [adapter.short_answer_prompt(question), adapter.short_answer_prompt("how many")]
     inputs = adapter.encode([Image.new("RGB", (64, 48))] * 2, prompts)
     assert inputs["pixel_values"].shape[-2:] == (224, 224)
     ids = inputs["input_ids"][0].tolist()

@@ -197,12 +197,11 @@ class FixedCaptioner(EncodesInline):
     def __init__(self):
         self.calls = []
 
-    def prompt(self, kind, **fields):
-        assert kind == "caption" and not fields
+    def caption_prompt(self):
         return "Caption:"
 
-    def generate(self, images, prompts, max_new_tokens):
-        self.calls.append((len(images), max_new_tokens))
+    def generate(self, images, prompts, generation):
+        self.calls.append((len(images), generation))
         return [f"a square of red {image.getpixel((0, 0))[0]}" for image in images]
 
 
@@ -211,7 +210,7 @@ def test_evaluate_batches_and_logs(tmp_path):
     adapter = FixedCaptioner()
     samples = coco_caption.load_official(tmp_path, "train") + coco_caption.load_official(tmp_path, "test")
     result = coco_caption.evaluate(adapter, samples, batch_size=2, progress=False)
-    assert adapter.calls == [(2, coco_caption.MAX_NEW_TOKENS), (1, coco_caption.MAX_NEW_TOKENS)]
+    assert adapter.calls == [(2, coco_caption.GENERATION), (1, coco_caption.GENERATION)]
     assert set(result.metrics) == METRIC_KEYS  # SPICE left out: see UNAVAILABLE_METRICS
     assert all(isinstance(v, float) for v in result.metrics.values())
     assert (result.primary_metric, result.higher_is_better, result.n_samples) == ("CIDEr", True, 3)

@@ -221,8 +221,7 @@ class PerPairOnly:
 @pytest.fixture(scope="module")
 def flickr_world(tmp_path_factory):
     from fixtures.world.generate import ensure_world
-    root = ensure_world(tmp_path_factory.mktemp("world") / "world", split_images={},
-                        others={"flickr30k": {"test": 24}})
+    root = ensure_world(tmp_path_factory.mktemp("world") / "world", layout={"flickr30k": {"test": 24}})
     return fr.load_official(root / "flickr30k", "test")   # 24 images x 5 captions
 
 

@@ -1,16 +1,13 @@
 """GPTQ: exactness against RTN where it must agree, lower layer-output error where it must win,
 codes that rebuild the weight bit for bit, dead columns, damping retries, the Hessian, the same
 bits as the earlier column-at-a-time code, stacked weights equal to one weight at a time."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from quantizers.gptq import (HessianAccumulator, dequantize, gptq_quantize, gptq_quantize_full,
                              gptq_quantize_stacked)
 from quantizers.primitives import fake_quantize
+from tests import reference_quant
 
 ROWS, COLS = 32, 64
 
@@ -193,13 +190,8 @@ def assert_same_result(a, b):
 
 @pytest.fixture(scope="module")
 def frozen():
-    """The cores as of commit 40de34e, kept in benchmarks/perf/_reference_quant.py."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "perf" / "_reference_quant.py"
-    spec = importlib.util.spec_from_file_location("_reference_quant", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module   # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    """The cores as of commit 40de34e, kept as test data in tests/reference_quant.py."""
+    return reference_quant
 
 
 @pytest.mark.parametrize("options", PATHS)

@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.runtime.grid import GridError, group_costs, load_grid, schedule_order
+from fixtures.runtime.grid import GridError, generation_for, group_costs, load_grid, schedule_order
 from fixtures.runtime.invocation import OptionError, check_device
 from quantizers.config import ConfigError, make_config
+from tasks.registry import TASKS
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = """
@@ -61,6 +62,8 @@ def test_good_grid_expands_and_drops_16_bit_components(tmp_path):
      "models.m.generation.tasks: unknown task 'vqa'"),
     (("path: fixtures/tiny/llava-tiny}", "path: x, generation: {tasks: {vqav2: {beams: 5}}}}"),
      "models.m.generation.tasks.vqav2: unknown field(s) beams"),
+    (("path: fixtures/tiny/llava-tiny}", "path: x, generation: {tasks: {text_ppl: {num_beams: 5}}}}"),
+     "models.m.generation.tasks.text_ppl: the task sends no generative request"),
     (("path: fixtures/tiny/llava-tiny}", "path: x, components: {eyes: a.b}}"), "models.m.components: must map component names"),
     (("configs:", "calibration: {task: scienceqa}\nconfigs:"), "calibration.task: task scienceqa gives no calibration pairs"),
 ])
@@ -137,17 +140,10 @@ def test_calibration_defaults_to_the_grids_own_data_for_its_task(tmp_path):
         load_grid(write(tmp_path, GOOD + "calibration: {sample: 3}\n"))
 
 
-def test_every_task_declares_itself_completely():
-    """The registry is the one place a task is known: every module registers a TaskDef whose
-    loaders and evaluation exist and whose request kinds some family answers."""
-    from fixtures.adapters import FAMILIES
-    from tasks.registry import all_tasks
-    tasks = all_tasks()
-    assert set(tasks) == {"vqav2", "coco_caption", "flickr_retrieval", "scienceqa", "vizwiz", "text_ppl"}
-    for task in tasks.values():
-        assert callable(task.load_official) and callable(task.load_hf) and callable(task.evaluate)
-        assert any(family.serves(task.requests) for family in FAMILIES.values()), task.name
-        assert (ROOT / "benchmarks" / f"test_{task.name}.py").is_file()
+def test_the_tasks_that_give_calibration_pairs_and_per_sample_scores():
+    """The calibration sources and the per-sample score fields compare relies on; the
+    contract every task meets is tests/test_registries.py's."""
+    tasks = TASKS.all()
     assert {t.name for t in tasks.values() if t.calibration_pair} == {"vqav2"}
     assert {t.name: t.sample_score for t in tasks.values() if t.sample_score} == {
         "vqav2": "score", "vizwiz": "score", "scienceqa": "correct"}
@@ -178,14 +174,17 @@ def test_schedule_order_pairs_the_longest_groups_with_the_shortest_for_xdist():
     assert [costs[g] for g in pair[4:]] == sorted([costs[g] for g in pair[4:]], reverse=True)
 
 
-def test_generation_per_task_overrides_the_model_setting():
-    from fixtures.adapters.base import Generation
+def test_generation_merges_the_model_and_task_overrides_over_the_task_defaults():
+    from dataclasses import replace
+
+    from tasks import coco_caption, vqav2
 
     grid = load_grid(ROOT / "benchmarks/grids/paper.yaml")
-    blip2 = grid.models["blip2-opt-2.7b"].generation
-    assert blip2.num_beams == 5 and blip2.min_length == 0            # VQA: no minimum, as LAVIS
-    assert blip2.for_task("coco_caption") == Generation(num_beams=5, min_length=8, per_task=blip2.per_task)
-    assert blip2.for_task("vqav2") is blip2
+    blip2 = grid.models["blip2-opt-2.7b"]
+    assert generation_for(blip2, "vqav2") == replace(vqav2.GENERATION, num_beams=5)     # VQA: no minimum, as LAVIS
+    assert generation_for(blip2, "coco_caption") == replace(coco_caption.GENERATION, num_beams=5, min_length=8)
+    assert generation_for(grid.models["llava-1.5-7b"], "vqav2") is vqav2.GENERATION   # no overrides: greedy
+    assert generation_for(grid.models["blip2-itm-coco"], "flickr_retrieval") is None   # sends no generative request
 
 
 # -- issue 21: values, not only types ------------------------------------------------------------
@@ -199,6 +198,42 @@ def test_generation_per_task_overrides_the_model_setting():
 def test_method_parameters_out_of_range_are_config_errors(method, params, message):
     with pytest.raises(ConfigError, match=message):
         make_config("q", method, {"language": 4}, params=params)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("{name: qv, method: qvlm, bits: {language: 4}, a_bits: 4, params: {weights: sgd}}",
+     "config 'qv': params: parameter weights must be one of rtn, gptq, got 'sgd'"),
+    ("{name: qv, method: qvlm, bits: {language: 4}}", "config 'qv': qvlm searches static activation ranges"),
+    ("{name: f, method: fp, bits: {language: 4}}", "config 'f': method fp takes no bits"),
+])
+def test_a_config_its_method_cannot_run_fails_at_grid_load(tmp_path, entry, message):
+    """The method checks the whole config when the grid loads (issue 22): a Q-VLM config with
+    an unknown inner method or no static activation ranges used to load and fail when quantized."""
+    with pytest.raises(GridError, match=rf"configs\[0\]: {message}"):
+        load_grid(write(tmp_path, GOOD.replace("{name: fp16, method: fp}", entry)))
+
+
+# Config hashes of the default grid at cc055f1 (before configs carried their method objects):
+# they key the quantized-model cache and the CSV's config_hash column, which compare matches
+# across runs, so a refactor of how a config is made must leave them as they were.
+DEFAULT_GRID_HASHES = {
+    ("llava-tiny", "fp16"): "a512fc48cad4",
+    ("blip2-tiny", "fp16"): "6f1d084126aa",
+    ("llava-tiny", "rtn-w4-all"): "c44f06ad62d3",
+    ("llava-tiny", "rtn-w4g32-all"): "8bc1855c1aaf",
+    ("llava-tiny", "gptq-w4-all"): "4234254d94e6",
+    ("blip2-tiny", "awq-w4-all"): "804c124a1213",
+    ("blip2-tiny-retrieval", "gptq-w3-all"): "e07dc4bca2f4",
+    ("llava-tiny", "awq-w4a4-all"): "cd3adce7f1f0",
+    ("llava-tiny", "qvlm-w4a4-all"): "9e1459ed07ef",
+    ("llava-tiny", "gptq-qig-w3a16-language"): "cf66cd3e3a89",
+}
+
+
+def test_default_grid_config_hashes_are_unchanged():
+    grid = load_grid(ROOT / "benchmarks" / "grids" / "default.yaml")
+    hashes = {(case.model.name, case.config.name): case.config_hash for case in grid.cases}
+    assert {key: hashes.get(key) for key in DEFAULT_GRID_HASHES} == DEFAULT_GRID_HASHES
 
 
 def test_string_booleans_and_path_names_are_grid_errors_in_expanded_entries_too(tmp_path):

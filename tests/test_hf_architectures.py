@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fixtures.adapters import hf_experts, layouts, load_adapter
-from fixtures.adapters.base import ComponentMissing, Generation, ModelMissing
+from fixtures.adapters.base import ComponentMissing, ModelMissing
 from fixtures.adapters.hf import HFAdapter
 from fixtures.runtime.grid import load_grid
 from fixtures.runtime.models import ModelPool
@@ -26,6 +26,7 @@ from quantizers.config import make_config
 from quantizers.targets import unaccounted_weights
 from quantizers.walker import catch_inputs
 from tasks import vqav2
+from tasks.requests import Generation
 from tests.hf_tiny import save_tiny, vocabulary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,7 +68,7 @@ PLAIN_TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['ty
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
-    generate_world(root, seed=DEFAULT_SEED, split_images={"train": 2, "val": 2}, progress=False, others={})
+    generate_world(root, seed=DEFAULT_SEED, layout={"vqav2": {"train": 2, "val": 2}}, progress=False)
     train = vqav2.load_official(root / "vqav2", "train2014")
     val = vqav2.load_official(root / "vqav2", "val2014")[:N_EVAL]
     words = vocabulary([s.question for s in train + val] + [a for s in train + val for a in s.answers])
@@ -292,12 +293,13 @@ def test_mixed_layer_stack_is_walked_in_order_and_said(world):
 def test_encoder_decoder_answers_are_decoded_whole(world):
     """Florence-2's generate returns decoder tokens only: nothing is cut off as a prompt (all of
     its answers came back empty)."""
-    adapter = load(world, "florence2", generation=Generation(max_new_tokens=3, min_length=3))
-    encoded = adapter.encode([world["val"][0].image()], [adapter.prompt("short_answer", question="what is it")])
-    output, prompt_length = adapter.generate_ids(encoded, 3, {"min_new_tokens": 3})
+    adapter = load(world, "florence2")
+    generation = Generation(max_new_tokens=3, min_length=3)
+    encoded = adapter.encode([world["val"][0].image()], [adapter.short_answer_prompt("what is it")])
+    output, prompt_length = adapter.generate_ids(encoded, generation)
     assert prompt_length == 0 and encoded["input_ids"].shape[1] > output.shape[1]
     expected = adapter.processor.tokenizer.decode(output[0], skip_special_tokens=True).strip()
-    assert adapter.generate_encoded(encoded, 3) == [expected] and expected
+    assert adapter.generate_encoded(encoded, generation) == [expected] and expected
 
 
 def test_a_processor_without_any_chat_template_names_the_grid_option(world):
@@ -357,7 +359,6 @@ def test_a_linear_no_calibration_row_reaches_is_rounded_to_nearest_and_said(meth
     """An expert no calibration token is routed to has no statistics: GPTQ would zero it (all its
     columns dead) and AWQ had no rows to search; both round it to nearest and say so (both
     stopped with a KeyError)."""
-    from quantizers.methods import get_method
     from quantizers.primitives import fake_quantize
     from quantizers.targets import Target
     from quantizers.walker import Block, BlockInput, Feed, Window
@@ -376,7 +377,7 @@ def test_a_linear_no_calibration_row_reaches_is_rounded_to_nearest_and_said(meth
     targets = [Target(f"e.{name}", "language", getattr(module, name), 4) for name in ("routed", "unrouted")]
     window = Window("language", [Block("language", "e", module, targets)], layouts.PLAIN)
     config = make_config(method, method, {"language": 4}, group_size=16, params={"n_grid": 4} if method == "awq" else None)
-    out = get_method(method).quantize_window(window, Feed(window, [BlockInput((torch.randn(2, 8, 32),), {})]), config)
+    out = config.method.quantize_window(window, Feed(window, [BlockInput((torch.randn(2, 8, 32),), {})]), config)
     assert torch.equal(module.unrouted.weight, expected) and module.unrouted.weight.abs().sum() > 0
     assert "no calibration input" in out.details["e.unrouted"]["fallback"]
     assert "fallback" not in out.details.get("e.routed", {})

@@ -45,7 +45,7 @@ STACKS = {
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
-    generate_world(root, seed=DEFAULT_SEED, split_images={"train": 4, "val": 4}, progress=False, others={})
+    generate_world(root, seed=DEFAULT_SEED, layout={"vqav2": {"train": 4, "val": 4}}, progress=False)
     train = vqav2.load_official(root / "vqav2", "train2014")
     val = vqav2.load_official(root / "vqav2", "val2014")[:N_EVAL]
     words = vocabulary([s.question for s in train + val] + [a for s in train + val for a in s.answers])
@@ -201,8 +201,8 @@ def test_chat_template_on_the_tokenizer_is_used(world, tmp_path):
     assert not (moved / "chat_template.jinja").exists() and not (moved / "chat_template.json").exists()
     adapter = load_adapter("q", "hf", str(moved), CPU, "auto", ROOT)
     assert not getattr(adapter.processor, "chat_template", None) and adapter.processor.tokenizer.chat_template
-    expected = load_adapter("q", "hf", str(source), CPU, "auto", ROOT).prompt("short_answer", question="what is it")
-    assert adapter.prompt("short_answer", question="what is it") == expected
+    expected = load_adapter("q", "hf", str(source), CPU, "auto", ROOT).short_answer_prompt("what is it")
+    assert adapter.short_answer_prompt("what is it") == expected
 
 
 GRID = """

@@ -1,53 +1,62 @@
-"""GPTQ and AWQ over the tiny LLaVA through the calibration walker, and the cache round trip."""
+"""Every registered method over the tiny LLaVA (the contract: coverage and the cache round trip,
+parametrized over the registry so a new method is covered by adding it), the runtime's model
+pool and cache."""
 import copy
 from pathlib import Path
 
 import pytest
 import torch
 
-from fixtures.runtime.grid import CalibrationSpec, Case, ModelSpec, TaskSpec
-from fixtures.world.generate import DEFAULT_SEED, generate_world
+from fixtures.runtime.grid import CalibrationSpec
 from quantizers import api
 from quantizers.cache import QuantCache, cache_key
 from quantizers.config import ConfigError, make_config
+from quantizers.methods import all_methods
 from fixtures.runtime.models import ModelPool
-from fixtures.runtime.session import Session
 from quantizers.targets import select_targets
 from fixtures.adapters import llava
 from tasks import vqav2
+from tests.llava_cases import MODEL, case_for, params
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL = ModelSpec("llava-tiny", "llava", "fixtures/tiny/llava-tiny")
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    # A small world where the session looks for the embedded one (same version and seed).
-    generate_world(cache / "world", seed=DEFAULT_SEED, split_images={"train": 40, "val": 20}, progress=False)
-    return Session.create(data_root=cache, cache_dir=cache, run_dir=tmp_path_factory.mktemp("run"),
-                          device=torch.device("cpu"))
 
 
 def fresh_pool(session, copy=False):
     return ModelPool(torch.device("cpu"), session.data.cache_dir, copy=copy)
 
 
-def case_for(config, calibration=CalibrationSpec(samples=16, batch_size=8)):
-    return Case(MODEL, config, TaskSpec("vqav2"), calibration=calibration)
+# Parameters that only make a method quick enough for a unit test on the tiny model.
+QUICK_PARAMS = {"qvlm": {"encoder_samples": 16, "encoder_epochs": 2, "entropy_samples": 2048}}
 
 
-def params(adapter):
-    return {n: p.detach().clone() for n, p in adapter.model.named_parameters()}
+def contract_config(method: str):
+    """A 3-bit config of every component for the method: weight-only where the method accepts
+    it, else with 8-bit activations (Q-VLM searches activation ranges, so it needs their bits)."""
+    bits, params = {"vision": 3, "connector": 3, "language": 3}, QUICK_PARAMS.get(method)
+    try:
+        return make_config(f"{method}-w3", method, bits, group_size=32, params=params)
+    except ConfigError:
+        return make_config(f"{method}-w3a8", method, bits, group_size=32, a_bits=8, params=params)
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq"])
-def test_calibrated_methods_cover_every_target_and_restore_bit_identically(bench, method, tmp_path):
-    config = make_config(f"{method}-w3", method, {"vision": 3, "connector": 3, "language": 3}, group_size=32)
+def test_the_baseline_method_changes_nothing_and_builds_no_entry(bench):
+    config = make_config("fp16", "fp")
+    assert not config.method.changes_weights and "fp16" in config.method.marks
+    fp = bench.models.fp(MODEL)
+    before = params(fp)
+    report, entry = api.quantize(fp, config)
+    assert entry is None and set(report.bpw.values()) == {16.0}
+    assert all(torch.equal(before[n], p) for n, p in params(fp).items())
+
+
+@pytest.mark.parametrize("method", [name for name, cls in all_methods().items() if cls.changes_weights])
+def test_every_method_covers_every_target_and_restores_bit_identically(bench, method, tmp_path):
+    config = contract_config(method)
     case = case_for(config)
     fp = bench.models.fp(MODEL)
     quantized = copy.deepcopy(fp)
-    report, entry = api.quantize(quantized, config, bench.data.calibration_batches(case, quantized))
+    report, entry = api.quantize(quantized, config,
+                                 bench.data.calibration_batches(case, quantized) if config.calibrates else None)
     targets = {f"{t.name}.weight" for t in select_targets(quantized, config)}
     assert set(entry.weights) == targets and len(report.layers) == len(targets)
     before, after = params(fp), params(quantized)

@@ -1,4 +1,5 @@
 """The plugin seen from the command line: mark selection, ids, and one-line usage errors."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -150,4 +151,36 @@ def test_random_init_architecture_runs_end_to_end_and_is_labelled(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:]
     rows = read_rows(tmp_path / "r" / "results.csv")
     assert len({r["config"] for r in rows}) == 3 and all(r["weights"] == "random-init" for r in rows)
+    # The FP row is the shared baseline: it records the seconds that baseline's evaluation took.
+    assert all(float(r["eval_seconds"]) > 0 for r in rows if r["config"] == "fp16")
     assert "3 of them on random-init weights: timings and memory only, never accuracy" in out.stdout
+
+
+def primary_test_ids(report_dir):
+    return [row["test_id"] for row in read_rows(report_dir / "results.csv") if row["primary"] == "true"]
+
+
+def test_a_benchmark_run_is_told_by_what_it_collects_not_by_its_arguments(tmp_path):
+    """Run from inside benchmarks/, where no argument names that folder, a grid test still makes
+    a run with its results; the suite's own tests given a --report-dir leave no run dir there."""
+    inside = pytest_run("test_vqav2.py", "-m", "llava-tiny and fp16", "--limit=2", f"--report-dir={tmp_path / 'run'}",
+                        cwd=ROOT / "benchmarks")
+    assert inside.returncode == 0, inside.stdout[-3000:] + inside.stderr[-3000:]
+    assert primary_test_ids(tmp_path / "run") == ["benchmarks/test_vqav2.py::test_vqav2[llava-tiny-fp16]"]
+    own = pytest_run("tests/test_vqa_eval.py", f"--report-dir={tmp_path / 'unit'}")
+    assert own.returncode == 0, own.stdout[-3000:] + own.stderr[-3000:]
+    assert not (tmp_path / "unit").exists()
+
+
+def test_options_take_their_value_after_a_space(tmp_path):
+    """`--report-dir DIR` and `--resume DIR` written with a space, DIR outside the repository. Once
+    DIR exists, pytest would take it for a test path and its rootdir unless a test path comes
+    first (README, "Using pytest directly"): then --resume reads it as its run dir."""
+    run, select = tmp_path / "run", ["-m", "vqav2 and llava-tiny and fp16", "--limit", "2"]
+    first = pytest_run(*select, "--report-dir", str(run))
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert primary_test_ids(run) == ["benchmarks/test_vqav2.py::test_vqav2[llava-tiny-fp16]"]
+    again = pytest_run("benchmarks", *select, "--resume", str(run))
+    assert again.returncode == 5, again.stdout[-3000:] + again.stderr[-3000:]     # it passed: nothing left
+    assert re.search(r"\d+ deselected / 0 selected", again.stdout) and f"rootdir: {ROOT}" in again.stdout
+    assert primary_test_ids(run) == ["benchmarks/test_vqav2.py::test_vqav2[llava-tiny-fp16]"]

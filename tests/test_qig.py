@@ -11,7 +11,7 @@ from quantizers.config import ConfigError, make_config
 from quantizers.gptq import HessianAccumulator
 from quantizers.targets import select_targets
 from quantizers.weighting import TokenWeighting
-from tests.test_methods import MODEL, bench, case_for, params  # noqa: F401  (bench is a fixture)
+from tests.llava_cases import MODEL, case_for, params
 
 
 def test_integrated_gradients_are_complete():
@@ -115,14 +115,12 @@ def test_a_qig_run_weights_tokens_unevenly_and_quantizes_every_target(bench, met
         assert any(not torch.equal(params(adapter)[n], params(plain)[n]) for n in targets)
 
 
-def test_bad_weighting_parameters_are_one_error(bench):  # noqa: F811
-    adapter = bench.models.fp(MODEL)
+def test_bad_weighting_parameters_are_one_error():
     for bad in ({"weighting": "tokens"}, {"ig_baseline": "noise", "weighting": "qig"}, {"ig_steps": 0, "weighting": "qig"}):
         for method in ("awq", "gptq"):
             with pytest.raises(ConfigError, match=next(iter(bad))):
                 make_config("q", method, {"language": 3}, params=bad)
-    # params built in code skip the grid's parsing: the weighting checks them again
+    # params built in code skip the grid's parsing: the config checks their values when made
     from quantizers.methods.awq import AWQParams
-    config = make_config("q", "awq", {"language": 3}, params=AWQParams(weighting="tokens"))
     with pytest.raises(ConfigError, match="weighting"):
-        TokenWeighting(adapter, select_targets(adapter, config), [], config)
+        make_config("q", "awq", {"language": 3}, params=AWQParams(weighting="tokens"))

@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from fixtures.world.generate import ensure_world
+from fixtures.world.generate import default_layout, ensure_world
 from quantizers import api, qvlm
 from quantizers.config import ActivationQuant, ConfigError, make_config
 from quantizers.methods.qvlm import QVLM, optimize_encoder
 from quantizers.targets import select_targets
 from tasks import vqav2
-from tests.test_methods import MODEL, bench, case_for, params  # noqa: F401  (bench is a fixture)
+from tests.llava_cases import MODEL, case_for, params
 
 TENSOR = ActivationQuant("tensor", "minmax")
 FAST = {"encoder_samples": 16, "encoder_epochs": 2, "entropy_samples": 2048}
@@ -113,7 +113,7 @@ def test_a_qvlm_run_changes_every_targeted_weight_and_nothing_else(bench, switch
 def test_w8a8_is_within_a_point_of_fp_and_decode_steps_are_quantized(bench, tmp_path_factory):  # noqa: F811
     # The embedded world's own VQAv2 val split (the test fixture's world is a small one, on which
     # one answer moves the accuracy by half a point).
-    world = ensure_world(tmp_path_factory.mktemp("world") / "world", others={})
+    world = ensure_world(tmp_path_factory.mktemp("world") / "world", layout={"vqav2": default_layout()["vqav2"]})
     samples = vqav2.load_official(world / "vqav2", "val2014")
     fp = bench.models.fp(MODEL)
     fp_accuracy = vqav2.evaluate(fp, samples, 100, progress=False).primary
@@ -140,8 +140,8 @@ def _fp_answers(adapter, samples) -> list[torch.Tensor]:
     eos = set(eos if isinstance(eos, list) else [eos])
     answers = []
     for sample in samples:
-        encoded = adapter.encode([sample.image()], [adapter.prompt("short_answer", question=sample.question)])
-        output, prompt_length = adapter.generate_ids(encoded, vqav2.MAX_NEW_TOKENS, {})
+        encoded = adapter.encode([sample.image()], [adapter.short_answer_prompt(sample.question)])
+        output, prompt_length = adapter.generate_ids(encoded, vqav2.GENERATION)
         tokens = [t for t in output[0, prompt_length:].tolist() if t not in eos]
         answers.append(torch.tensor(tokens))
     return answers
@@ -156,7 +156,7 @@ def _stop_probability(adapter, samples, answers) -> float:
     eos = eos if isinstance(eos, list) else [eos]
     total = 0.0
     for sample, answer in zip(samples, answers):
-        inputs = adapter.model_inputs([sample.image()], [adapter.prompt("short_answer", question=sample.question)])
+        inputs = adapter.model_inputs([sample.image()], [adapter.short_answer_prompt(sample.question)])
         out = model(**inputs, use_cache=True)
         mask = inputs["attention_mask"]
         for token in answer.tolist():
@@ -193,12 +193,24 @@ def test_the_search_keeps_the_stop_decision_of_min_max_ranges(bench):  # noqa: F
     assert stops["qvlm"] >= stops["minmax"] - STOP_TOLERANCE, (fp_stop, stops)
 
 
-def test_qvlm_defaults_to_the_authors_quantizers_and_checks_its_objective():
+def test_qvlm_defaults_to_the_authors_quantizers_and_checks_its_objective_when_made():
     config = make_config("q", "qvlm", {"language": 4}, a_bits=4)
     assert config.a_quant == ActivationQuant("official") and config.a_quant.decode == "widen"
     assert make_config("r", "rtn", {"language": 4}, a_bits=4).a_quant == ActivationQuant()   # per token
     with pytest.raises(ConfigError, match="objective"):
-        QVLM().quantize(None, [], make_config("q", "qvlm", {"language": 4}, a_bits=4, params={"objective": "bleu"}), [{}])
+        make_config("q", "qvlm", {"language": 4}, a_bits=4, params={"objective": "bleu"})
+    with pytest.raises(ConfigError, match="static activation ranges"):
+        make_config("q", "qvlm", {"language": 4}, a_bits=4, a_quant=ActivationQuant("token"))
+
+
+@pytest.mark.parametrize("weights", ["rtn", "gptq"])
+def test_the_inner_rounding_method_is_declared_and_resolved_through_the_registry(weights):
+    """Q-VLM composes methods: its `weights` parameter names the inner method, resolved once to
+    the registry's object, which rounds each window through the protocol every such method has."""
+    params = make_config("q", "qvlm", {"language": 4}, a_bits=4, params={"weights": weights}).params
+    other = make_config("r", weights, {"language": 4}).method
+    assert params.inner == other and params.inner is params.inner
+    assert type(other).quantizes_windows() and not QVLM.quantizes_windows()
 
 
 def test_objective_weights_give_the_answer_span_its_share():

@@ -10,7 +10,7 @@ import pytest
 
 from reports import csv_log
 from reports.__main__ import main
-from reports.compare import compare
+from reports.compare_markdown import compare
 from reports.csv_log import PartWriter, merge_parts, read_rows
 from reports.plots import plot_results
 from reports.schema import CSV_COLUMNS

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reports.compare import compare, compare_runs
-from reports.compare_markdown import format_markdown
+from reports.compare import compare_runs
+from reports.compare_markdown import compare, format_markdown
 from reports.csv_log import PartWriter
 from reports.paired import PairedInterval, SampleScores, paired_bootstrap
 from reports.runs import load_run

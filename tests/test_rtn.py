@@ -10,7 +10,6 @@ from fixtures.adapters import load_adapter
 from quantizers import api
 from quantizers.bpw import LayerRecord, bits_per_weight
 from quantizers.config import ConfigError, make_config
-from quantizers.methods import get_method
 from quantizers.primitives import fake_quantize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,11 +80,11 @@ def test_every_targeted_linear_changes_and_nothing_else(tiny):
 
 
 def test_a_layer_silently_skipped_is_caught(tiny, monkeypatch):
-    rtn = get_method("rtn")
-    original = rtn.quantize
-    monkeypatch.setattr(rtn, "quantize", lambda adapter, targets, *args: original(adapter, targets[1:], *args))
+    config = make_config("q", "rtn", {"connector": 4})
+    original = config.method.quantize
+    monkeypatch.setattr(config.method, "quantize", lambda adapter, targets, *args: original(adapter, targets[1:], *args))
     with pytest.raises(api.CoverageError, match="targeted but unchanged"):
-        api.quantize(copy.deepcopy(tiny), make_config("q", "rtn", {"connector": 4}))
+        api.quantize(copy.deepcopy(tiny), config)
 
 
 def test_unknown_component_and_unknown_method(tiny):

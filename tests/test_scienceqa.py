@@ -121,13 +121,12 @@ class FakeAdapter(EncodesInline):
         self.replies = replies
         self.batches = []
 
-    def prompt(self, kind, question, choices, hint=""):
-        assert kind == "multiple_choice"
+    def multiple_choice_prompt(self, question, choices, hint=""):
         return f"{hint}|{question}|{'/'.join(choices)}"
 
-    def generate(self, images, prompts, max_new_tokens):
+    def generate(self, images, prompts, generation):
         assert all(isinstance(image, Image.Image) for image in images)
-        assert max_new_tokens == scienceqa.MAX_NEW_TOKENS
+        assert generation == scienceqa.GENERATION
         self.batches.append(len(prompts))
         return [self.replies[prompt.split("|")[1]] for prompt in prompts]
 
@@ -175,7 +174,7 @@ def test_length_buckets_give_the_same_replies_in_the_same_order(tmp_path, monkey
     from fixtures.world.generate import generate_world
 
     root = Path(__file__).resolve().parent.parent
-    generate_world(tmp_path / "world", split_images={}, others={"scienceqa": {"val": 24}}, progress=False)
+    generate_world(tmp_path / "world", layout={"scienceqa": {"val": 24}}, progress=False)
     samples = scienceqa.load_official(tmp_path / "world" / "scienceqa", "val")
     adapter = load_adapter("t", "llava", "fixtures/tiny/llava-tiny", torch.device("cpu"), "float32", root)
     plain = scienceqa.evaluate(adapter, samples, batch_size=8, progress=False)
@@ -184,8 +183,8 @@ def test_length_buckets_give_the_same_replies_in_the_same_order(tmp_path, monkey
     encode = adapter.encode
     monkeypatch.setattr(adapter, "encode", lambda images, texts: widths.append(
         [len(ids) for ids in adapter.processor.tokenizer(texts)["input_ids"]]) or encode(images, texts))
-    adapter.generation = replace(adapter.generation, length_buckets=True)
-    bucketed = scienceqa.evaluate(adapter, samples, batch_size=8, progress=False)
+    bucketed = scienceqa.evaluate(adapter, samples, batch_size=8, progress=False,
+                                  generation=replace(scienceqa.GENERATION, length_buckets=True))
     assert [s["prediction"] for s in bucketed.samples] == [s["prediction"] for s in plain.samples]
     assert [s["pid"] for s in bucketed.samples] == [s["pid"] for s in plain.samples] == [s.pid for s in samples]
     flat = [n for batch in widths for n in batch]

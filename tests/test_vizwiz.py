@@ -111,13 +111,12 @@ class FakeAdapter(EncodesInline):
     def __init__(self, replies):
         self.replies = replies
 
-    def prompt(self, kind, question):
-        assert kind == "short_answer_or_unanswerable"
+    def short_answer_or_unanswerable_prompt(self, question):
         return f"<{question}>"
 
-    def generate(self, images, prompts, max_new_tokens):
+    def generate(self, images, prompts, generation):
         assert all(isinstance(image, Image.Image) for image in images)
-        assert max_new_tokens == vizwiz.MAX_NEW_TOKENS
+        assert generation == vizwiz.GENERATION
         return [self.replies[prompt[1:-1]] for prompt in prompts]
 
 

@@ -1,5 +1,6 @@
 """VQAv2 loaders on the official format (generated, malformed, missing) and batch invariance."""
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,12 +17,12 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
-    generate_world(root, seed=3, split_images={"train": 4, "val": 30}, progress=False)
+    generate_world(root, seed=3, layout={"vqav2": {"train": 4, "val": 30}}, progress=False)
     return root
 
 
 def test_generator_is_deterministic(world, tmp_path):
-    generate_world(tmp_path, seed=3, split_images={"train": 4, "val": 30}, progress=False)
+    generate_world(tmp_path, seed=3, layout={"vqav2": {"train": 4, "val": 30}}, progress=False)
     name = "v2_mscoco_val2014_annotations.json"
     assert (tmp_path / "vqav2" / name).read_text() == (world / "vqav2" / name).read_text()
 
@@ -72,8 +73,6 @@ def test_batched_greedy_matches_batch_size_one(world):
 
 
 def test_shared_image_prefix_gives_the_unshared_predictions(world, monkeypatch):
-    from dataclasses import replace
-
     from fixtures.adapters import shared_prefix
 
     adapter = load_adapter("t", "llava", "fixtures/tiny/llava-tiny", torch.device("cpu"), "float32", ROOT)
@@ -84,8 +83,8 @@ def test_shared_image_prefix_gives_the_unshared_predictions(world, monkeypatch):
     layouts = []
     real_layout = shared_prefix.shared_layout
     monkeypatch.setattr(shared_prefix, "shared_layout", lambda *a: layouts.append(real_layout(*a)) or layouts[-1])
-    adapter.generation = replace(adapter.generation, share_image_prefix=True)
-    shared = vqav2.evaluate(adapter, samples, batch_size=20, progress=False)
+    shared = vqav2.evaluate(adapter, samples, batch_size=20, progress=False,
+                            generation=replace(vqav2.GENERATION, share_image_prefix=True))
     prefixes = [layout[1] for layout in layouts if layout is not None]
     per_batch = [len({s.image_id for s in samples[i:i + 20]}) for i in (0, 20)]   # an image may span both
     assert [len(p) for p in prefixes] == per_batch and sum(per_batch) < len(samples)
@@ -115,11 +114,9 @@ def test_shared_layout_keeps_each_question_and_declines_when_nothing_repeats():
 def test_blip2_beam_search_batched_matches_batch_size_one(world):
     # LAVIS decodes BLIP-2 with 5 beams; the grid asks for it per model. Batched beams must give
     # what one question at a time gives, as greedy does.
-    from fixtures.adapters.base import Generation
-
-    adapter = load_adapter("b", "blip2", "fixtures/tiny/blip2-tiny", torch.device("cpu"), "float32", ROOT,
-                           generation=Generation(num_beams=5))
+    adapter = load_adapter("b", "blip2", "fixtures/tiny/blip2-tiny", torch.device("cpu"), "float32", ROOT)
+    beams = replace(vqav2.GENERATION, num_beams=5)
     samples = vqav2.load_official(world / "vqav2", "val2014")[:16]
-    one = vqav2.evaluate(adapter, samples, batch_size=1, progress=False)
-    many = vqav2.evaluate(adapter, samples, batch_size=16, progress=False)
+    one = vqav2.evaluate(adapter, samples, batch_size=1, progress=False, generation=beams)
+    many = vqav2.evaluate(adapter, samples, batch_size=16, progress=False, generation=beams)
     assert [s["prediction"] for s in one.samples] == [s["prediction"] for s in many.samples]

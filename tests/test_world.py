@@ -12,8 +12,8 @@ def _problems(root, split):
 
 
 def test_a_larger_train_split_starts_with_the_smaller_one(tmp_path):
-    small = ensure_world(tmp_path / "small", 0, split_images={}, others={"scienceqa": {"train": 20, "test": 5}})
-    large = ensure_world(tmp_path / "large", 0, split_images={}, others={"scienceqa": {"train": 45}})
+    small = ensure_world(tmp_path / "small", 0, {"scienceqa": {"train": 20, "test": 5}})
+    large = ensure_world(tmp_path / "large", 0, {"scienceqa": {"train": 45}})
     assert _problems(large, "train")[:20] == _problems(small, "train")
     assert len(_problems(large, "train")) == 45
 
@@ -21,10 +21,10 @@ def test_a_larger_train_split_starts_with_the_smaller_one(tmp_path):
 def test_ensure_world_regenerates_only_when_the_layout_changes(tmp_path):
     root = tmp_path / "w"
     layout = {"scienceqa": {"train": 6}}
-    ensure_world(root, 0, split_images={}, others=layout)
+    ensure_world(root, 0, layout)
     stamp = (root / "WORLD.json").stat().st_mtime_ns
-    ensure_world(root, 0, split_images={}, others=layout)
+    ensure_world(root, 0, layout)
     assert (root / "WORLD.json").stat().st_mtime_ns == stamp
-    ensure_world(root, 0, split_images={}, others={"scienceqa": {"train": 8}})
-    assert read_manifest(root)["layout"] == {"vqav2": {}, "scienceqa": {"train": 8}}
+    ensure_world(root, 0, {"scienceqa": {"train": 8}})
+    assert read_manifest(root)["layout"] == {"scienceqa": {"train": 8}}
     assert len(_problems(root, "train")) == 8

@@ -96,7 +96,7 @@ def main() -> None:
     # This checkout generates the world, then the measured tree is imported by its own names.
     sys.path.insert(0, str(REPO))
     from fixtures.world.generate import ensure_world
-    world = ensure_world(args.world, split_images={"train": 200, "val": 120}, others={})
+    world = ensure_world(args.world, layout={"vqav2": {"train": 200, "val": 120}})
     for name in [m for m in sys.modules if m.split(".")[0] in ("fixtures", "quantizers", "tasks", "reports")]:
         del sys.modules[name]
     sys.path[0] = str(args.tree.resolve())
@@ -125,26 +125,28 @@ def main() -> None:
         report(work="model", parameters_b=sum(p.numel() for p in model.parameters()) / 1e9,
                prompt_tokens=adapter.model_inputs([samples[0].image()], [vqav2_prompt(adapter, samples[0])])["input_ids"].shape[1])
 
+    decoding = Decoding(adapter) if set(work) - {"pool"} else None
     if "eval" in work:
-        # No --beams: the adapter's own decoding, and rows without a beams column (as before).
+        # No --beams: the default decoding (greedy), and rows without a beams column (as before).
         for beams in [int(b) for b in args.beams.split(",")] if args.beams else [None]:
             beam_column = {}
             if beams is not None:
-                adapter.generation = dataclasses.replace(adapter.generation, num_beams=beams)
+                decoding.set(num_beams=beams)
                 beam_column = {"beams": beams}
             predictions = {}
             for batch in [int(b) for b in args.batches.split(",")]:
                 chosen = samples[:args.batch1_samples if batch == 1 else args.samples]
-                result, clock = timed_eval(adapter, chosen, batch)
+                result, clock = timed_eval(adapter, chosen, batch, decoding)
                 predictions[batch] = [s["prediction"] for s in result.samples[:args.parity]]
                 alone = predictions.get(1, predictions[batch])
                 shared = min(len(alone), len(predictions[batch]))   # --samples may be under --batch1-samples
                 report(work="eval", **beam_column, batch=batch, samples=len(chosen), seconds=round(clock.seconds, 2),
                        samples_per_s=round(len(chosen) / clock.seconds, 2), peak_gb=round(clock.peak_gb, 1),
                        same_as_batch1=predictions[batch][:shared] == alone[:shared])
-                if batch > 1 and adapter.family == "llava" and adapter.generation.num_beams == 1 \
-                        and hasattr(adapter.generation, "share_image_prefix"):   # trees with sharing
-                    eval_shared_prefix(adapter, chosen, batch, [s["prediction"] for s in result.samples], report)
+                if batch > 1 and adapter.family == "llava" and decoding.generation.num_beams == 1 \
+                        and hasattr(decoding.generation, "share_image_prefix"):   # trees with sharing
+                    eval_shared_prefix(adapter, chosen, batch, [s["prediction"] for s in result.samples], report,
+                                       decoding)
 
     if "eval_profile" in work:   # where one batch's time goes (this tree's adapter API)
         batch = samples[:64]
@@ -157,7 +159,7 @@ def main() -> None:
         with torch.inference_mode(), Clock(torch, device) as prefill_clock:
             model(**inputs, use_cache=False, logits_to_keep=1)
         with Clock(torch, device) as generate_clock:
-            adapter.generate_encoded(encoded, vqav2.MAX_NEW_TOKENS)
+            adapter.generate_encoded(encoded, decoding.generate_argument())
         with torch.inference_mode(), Clock(torch, device) as vision_clock:
             model.model.get_image_features(pixel_values=inputs["pixel_values"],
                                            vision_feature_layer=model.config.vision_feature_layer,
@@ -211,25 +213,48 @@ def main() -> None:
         args.out.write_text(json.dumps(results, indent=1))
 
 
-def timed_eval(adapter, chosen, batch):
+class Decoding:
+    """VQAv2's decoding settings in the measured tree: sent with each request where its tasks take
+    a Generation (tasks.requests), else set on the adapter (trees before per-request decoding)."""
+
+    def __init__(self, adapter):
+        from tasks import vqav2
+        self.adapter, self.per_request = adapter, hasattr(vqav2, "GENERATION")
+        self.generation = vqav2.GENERATION if self.per_request else adapter.generation
+
+    def set(self, **settings) -> None:
+        self.generation = dataclasses.replace(self.generation, **settings)
+        if not self.per_request:
+            self.adapter.generation = self.generation
+
+    def evaluate_arguments(self) -> dict:
+        return {"generation": self.generation} if self.per_request else {}
+
+    def generate_argument(self):
+        """generate_encoded's second argument: the settings, or (older trees) VQAv2's token limit."""
+        from tasks import vqav2
+        return self.generation if self.per_request else vqav2.MAX_NEW_TOKENS
+
+
+def timed_eval(adapter, chosen, batch, decoding: Decoding):
     """(result, Clock) of tasks.vqav2.evaluate on `chosen` at `batch`, after a one-batch warm-up."""
     import torch
     from tasks import vqav2
 
-    vqav2.evaluate(adapter, chosen[:batch], batch_size=batch, progress=False)
+    vqav2.evaluate(adapter, chosen[:batch], batch_size=batch, progress=False, **decoding.evaluate_arguments())
     with Clock(torch, adapter.device) as clock:
-        result = vqav2.evaluate(adapter, chosen, batch_size=batch, progress=False)
+        result = vqav2.evaluate(adapter, chosen, batch_size=batch, progress=False, **decoding.evaluate_arguments())
     return result, clock
 
 
-def eval_shared_prefix(adapter, chosen, batch, unshared, report) -> None:
+def eval_shared_prefix(adapter, chosen, batch, unshared, report, decoding: "Decoding") -> None:
     """The same evaluation with image-prefix sharing on: samples/s, and how many predictions
     equal the unshared ones."""
-    adapter.generation = dataclasses.replace(adapter.generation, share_image_prefix=True)
+    decoding.set(share_image_prefix=True)
     try:
-        result, clock = timed_eval(adapter, chosen, batch)
+        result, clock = timed_eval(adapter, chosen, batch, decoding)
     finally:
-        adapter.generation = dataclasses.replace(adapter.generation, share_image_prefix=False)
+        decoding.set(share_image_prefix=False)
     shared = [s["prediction"] for s in result.samples]
     report(work="eval_shared_prefix", batch=batch, samples=len(chosen), seconds=round(clock.seconds, 2),
            samples_per_s=round(len(chosen) / clock.seconds, 2), peak_gb=round(clock.peak_gb, 1),
@@ -266,6 +291,8 @@ def vqav2_prompt(adapter, sample):
     """The VQAv2 prompt through whichever API the measured tree has."""
     if hasattr(adapter, "vqa_prompt"):
         return adapter.vqa_prompt(sample.question)
+    if hasattr(adapter, "short_answer_prompt"):
+        return adapter.short_answer_prompt(sample.question)
     return adapter.prompt("short_answer", question=sample.question)
 
 

@@ -1,4 +1,4 @@
-"""Time the GPTQ and AWQ tensor cores against the frozen pre-rewrite ones (_reference_quant.py,
+"""Time the GPTQ and AWQ tensor cores against the frozen pre-rewrite ones (tests/reference_quant.py,
 commit 40de34e) on random layers, and check that they agree. A script, not a test.
 
     python benchmarks/perf/quant_cores.py                      # Llama-7B sizes, cuda if present
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import os
 import sys
 import time
@@ -35,12 +34,9 @@ from quantizers import awq, gptq  # noqa: E402
 
 
 def load_reference():
-    path = Path(__file__).resolve().parent / "_reference_quant.py"
-    spec = importlib.util.spec_from_file_location("_reference_quant", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module   # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    """The frozen cores: test data of the suite's own tests (tests/reference_quant.py)."""
+    from tests import reference_quant
+    return reference_quant
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:

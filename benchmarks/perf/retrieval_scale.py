@@ -91,8 +91,7 @@ def main() -> None:
     # This checkout generates the world, then the measured tree is imported by its own names.
     sys.path.insert(0, str(REPO))
     from fixtures.world.generate import ensure_world
-    world = ensure_world(args.world.with_name(f"{args.world.name}-{args.images}"), split_images={},
-                         others={"flickr30k": {"test": args.images}})
+    world = ensure_world(args.world.with_name(f"{args.world.name}-{args.images}"), layout={"flickr30k": {"test": args.images}})
     for name in [m for m in sys.modules if m.split(".")[0] in ("fixtures", "quantizers", "tasks", "reports")]:
         del sys.modules[name]
     sys.path[0] = str(args.tree.resolve())

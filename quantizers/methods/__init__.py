@@ -1,24 +1,26 @@
-"""The method registry: each quantization method is one Method subclass in its own module here,
-registered by name, with its typed parameters (a MethodParams dataclass), whether it needs
-calibration data, how it quantizes a model's targets, and which extra state it leaves on the
-model that the quantized-model cache must store and restore.
+"""The method registry: each quantization method is one Method subclass in its own module here
+that registers itself (@register_method), with its typed parameters (a MethodParams dataclass),
+the rules it sets on a config (validate), whether it needs calibration data, how it quantizes a
+model's targets, and which extra state it leaves on the model that the quantized-model cache
+must store and restore. The registry finds the modules itself (quantizers/registry.py): a new
+method is one new module here and nothing else is edited.
 
-Generic code (the grid, the runtime, quantizers.api) asks these questions of the method object
-and never branches on a method's name. A new method (Q-VLM, QIG) is a new module here.
+A config resolves its method name here once, when it is made (quantizers.config.make_config);
+generic code (the grid, the runtime, quantizers.api) then asks the config's method object and
+never looks a method up or branches on its name.
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from quantizers.bpw import LayerRecord
-from quantizers.config import ActivationQuant, ConfigError, MethodParams
+from quantizers.params import ActivationQuant, ConfigError, MethodParams
 from quantizers.primitives import QuantizedTensor
+from quantizers.registry import Registry
 
 
 @dataclass
@@ -53,11 +55,16 @@ class QuantOutput:
 
 
 class Method:
-    """A quantization method. Subclasses set the class attributes and implement quantize()."""
+    """A quantization method. Subclasses set the class attributes and implement quantize(); one
+    that works window by window (a block or a few blocks of a stack over the calibration walker)
+    also implements quantize_window, so another method can round its windows with it (Q-VLM).
+
+    A method object holds no state of its own: every instance of a class is the same method."""
     name: ClassVar[str] = ""
     Params: ClassVar[type[MethodParams]] = MethodParams
     calibrates: ClassVar[bool] = False       # needs calibration batches (never from the evaluated split)
     changes_weights: ClassVar[bool] = True   # False only for the unquantized baseline
+    marks: ClassVar[tuple[str, ...]] = ()    # pytest marks besides the method's name (the baseline: fp16)
     # Kept in the on-disk cache: worth it when building costs far more than reading back (a
     # calibrated method); RTN of a 13B model takes seconds on a GPU, writing its codes minutes.
     cached: ClassVar[bool] = True
@@ -68,10 +75,43 @@ class Method:
     # How activations are quantized when a config sets a_bits and no a_quant (the authors' choice).
     default_a_quant: ClassVar[ActivationQuant] = ActivationQuant()
 
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self)
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def validate(self, config, where: str) -> None:
+        """The rules this method sets on a whole config, checked when the config is made (at grid
+        load, not at quantization time): its parameters' type and values, and the bits it needs.
+        Raises ConfigError naming `where` and the field."""
+        self.check_params(config, where)
+        if not config.w_bits:
+            raise ConfigError(f"{where}: method {self.name} needs bits for at least one component")
+
+    def check_params(self, config, where: str) -> None:
+        if not isinstance(config.params, self.Params):
+            raise ConfigError(f"{where}: params must be {self.Params.__name__}, got {type(config.params).__name__}")
+        config.params.validate(f"{where}: params")
+
+    @classmethod
+    def quantizes_windows(cls) -> bool:
+        """Implements quantize_window: another method can compose it (round its windows with it)."""
+        return cls.quantize_window is not Method.quantize_window
+
     def quantize(self, adapter, targets: list, config, batches: list[dict] | None,
                  progress: bool = False) -> QuantOutput:
         """Quantize every target's weight in place (fake-quant: rounded and written back)."""
         raise NotImplementedError
+
+    def quantize_window(self, window, feed, config, weighting=None) -> QuantOutput:
+        """Quantize the targets of one walker window (quantizers.walker.Window) in place, its
+        calibration inputs in `feed` (quantized upstream); with a TokenWeighting where the method
+        takes one. Only for methods that work window by window."""
+        raise NotImplementedError(f"method {self.name} does not quantize window by window")
 
     def state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Tensors besides weights and changed parameters that the method left on the model."""
@@ -83,29 +123,20 @@ class Method:
             raise ValueError(f"method {self.name} keeps no state, but the cache entry holds {sorted(state)[:3]}")
 
 
-_METHODS: dict[str, Method] = {}
-_DISCOVERED: list[bool] = []
+# Registered are the classes (a module imported again re-registers the same class, not a clash);
+# a config holds an instance.
+METHODS: Registry[type[Method]] = Registry("method", __name__, error=ConfigError)
 
 
 def register_method(cls: type[Method]) -> type[Method]:
-    _METHODS[cls.name] = cls()
-    return cls
+    return METHODS.register(cls.name, cls)
 
 
-def _discover() -> None:
-    if not _DISCOVERED:
-        _DISCOVERED.append(True)
-        for module in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{module.name}")
+def resolve_method(name: object, where: str) -> Method:
+    """The method a config names, as an object: the one place a method is looked up by name."""
+    return METHODS.get(name, where)()
 
 
-def all_methods() -> dict[str, Method]:
-    _discover()
-    return dict(_METHODS)
-
-
-def get_method(name: Any, where: str = "config") -> Method:
-    methods = all_methods()
-    if name not in methods:
-        raise ConfigError(f"{where}: unknown method {name!r}; known: {', '.join(methods)}")
-    return methods[name]
+def all_methods() -> dict[str, type[Method]]:
+    """Every registered method by name (the plugin registers a mark for each)."""
+    return METHODS.all()

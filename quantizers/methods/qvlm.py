@@ -34,26 +34,27 @@ import dataclasses
 import resource
 import time
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from quantizers import activations, qvlm
-from quantizers.config import ActivationQuant, ConfigError, MethodParams
-from quantizers.methods import Method, QuantOutput, register_method
-from quantizers.methods.gptq import GPTQ, GPTQParams
-from quantizers.methods.rtn import RTN
+from quantizers.methods import METHODS, Method, QuantOutput, register_method
+from quantizers.params import ActivationQuant, ConfigError, MethodParams
 from quantizers.primitives import fake_quantize
 from quantizers.walker import Block, BlockInput, Feed, Window, blocks_of, run_window, walk
 
+# The inner methods Q-VLM may round each block's weights with (the paper's and its code's
+# choices); each quantizes window by window (Method.quantize_window).
 WEIGHT_ROUNDING = ("rtn", "gptq")
 OBJECTIVES = ("block", "answer")
 
 
 @dataclass(frozen=True)
 class QVLMParams(MethodParams):
-    weights: str = "rtn"               # how each block's weights are rounded: rtn | gptq
+    weights: str = "rtn"               # the inner method that rounds each block's weights: rtn | gptq
     dependency: bool = True            # (a)-(c): entropy-guided blocks and the clipping search
     encoder_optimization: bool = True  # (d): tune the vision encoder (when vision is targeted)
     threshold: float = -1.0            # h0 in nats; negative: the stack's mean dependency
@@ -78,8 +79,15 @@ class QVLMParams(MethodParams):
     eta: float = 0.1                   # LM output error relative to the vision output error
     seed: int = 0
 
+    @cached_property
+    def inner(self) -> Method:
+        """The `weights` method as an object, resolved through the registry once: validate asks
+        for it when the config is made, the search rounds each window with it."""
+        return METHODS.get(self.weights, "params.weights")()
+
     def validate(self, where: str) -> None:
-        self._require(where, "weights", self.weights in WEIGHT_ROUNDING, f"one of {', '.join(WEIGHT_ROUNDING)}")
+        self._require(where, "weights", self.weights in WEIGHT_ROUNDING and self.inner.quantizes_windows(),
+                      f"one of {', '.join(WEIGHT_ROUNDING)}")
         for name in ("max_depth", "entropy_samples", "encoder_samples", "encoder_batch"):
             self._require(where, name, getattr(self, name) >= 1, ">= 1")
         for name in ("encoder_epochs", "lambda1", "lambda2", "eta", "seed"):
@@ -108,13 +116,14 @@ class QVLM(Method):
     # per-tensor ranges stay an option (a_quant: {granularity: tensor}).
     default_a_quant = ActivationQuant("official")
 
+    def validate(self, config, where: str) -> None:
+        super().validate(config, where)
+        if not (config.quantizes_activations and config.a_quant.static):
+            raise ConfigError(f"{where}: qvlm searches static activation ranges: set a_bits and a static "
+                              "a_quant.granularity (official, the default, or tensor, channel, position)")
+
     def quantize(self, adapter, targets, config, batches, progress=False) -> QuantOutput:
         params: QVLMParams = config.params
-        if params.weights not in WEIGHT_ROUNDING:
-            raise ConfigError(f"config {config.name!r}: params.weights must be one of {', '.join(WEIGHT_ROUNDING)}")
-        if not (config.quantizes_activations and config.a_quant.static):
-            raise ConfigError(f"config {config.name!r}: qvlm searches static activation ranges: set a_bits "
-                              "and a static a_quant.granularity (official, the default, or tensor, channel, position)")
         device = next(adapter.model.parameters()).device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -247,11 +256,9 @@ class _BlockSearch:
         return out
 
     def _round_weights(self, window: Window, feed: Feed) -> QuantOutput:
-        config = self.config
-        if self.params.weights == "gptq":
-            as_gptq = dataclasses.replace(config, method="gptq", params=GPTQParams())
-            return GPTQ().quantize_window(window, feed, as_gptq)
-        return RTN().quantize(None, window.targets, config)
+        """The inner method rounds the window, under this config with its own default parameters."""
+        inner = self.params.inner
+        return inner.quantize_window(window, feed, dataclasses.replace(self.config, method=inner, params=inner.Params()))
 
     def remove_hooks(self) -> None:
         for handle in self._handles:

@@ -13,12 +13,20 @@ class RTN(Method):
     cached = False   # deterministic and fast: recomputed rather than stored
     relative_cost = 0.02
 
-    @torch.no_grad()
     def quantize(self, adapter, targets, config, batches=None, progress=False) -> QuantOutput:
-        out = QuantOutput()
-        for target in targets:
-            weight = target.module.weight
-            result = fake_quantize(weight, target.bits, config.group_size, config.sym)
-            weight.copy_(result.dequantized)
-            out.add(target.name, target.component, target.bits, result, config.sym)
-        return out
+        return _round(targets, config)
+
+    def quantize_window(self, window, feed, config, weighting=None) -> QuantOutput:
+        """Round the window's targets; its calibration inputs are not needed."""
+        return _round(window.targets, config)
+
+
+@torch.no_grad()
+def _round(targets, config) -> QuantOutput:
+    out = QuantOutput()
+    for target in targets:
+        weight = target.module.weight
+        result = fake_quantize(weight, target.bits, config.group_size, config.sym)
+        weight.copy_(result.dequantized)
+        out.add(target.name, target.component, target.bits, result, config.sym)
+    return out

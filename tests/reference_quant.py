@@ -1,7 +1,7 @@
-"""Reference path kept for timing and parity: the GPTQ and AWQ tensor cores exactly as they were
-at commit 40de34e, before the fast-quant rewrite (issue 10). benchmarks/perf/quant_cores.py
-times the current cores against these, and tests/test_gptq.py checks that the current GPTQ gives
-the same bits. Frozen: do not edit or "fix" it; it is only correct as a copy of the old code.
+"""Test data, kept for parity and timing: the GPTQ and AWQ tensor cores exactly as they were
+at commit 40de34e, before the fast-quant rewrite (issue 10). tests/test_gptq.py checks that the
+current GPTQ gives the same bits, and benchmarks/perf/quant_cores.py times the current cores
+against these. Frozen: do not edit or "fix" it; it is only correct as a copy of the old code.
 
 Contents: quantizers/gptq.py at 40de34e (from its imports on, unchanged), then the search part of
 quantizers/awq.py at 40de34e (_group_width .. apply_clip, unchanged). The shared primitives
