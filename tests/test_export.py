@@ -27,7 +27,7 @@ from quantizers.config import make_config
 from reports.__main__ import main as reports_main
 from reports.csv_log import write_results
 from tasks import vqav2
-from tasks.registry import get_task
+from tasks.registry import TASKS
 
 LLAVA = ModelSpec("llava-tiny", "llava", "fixtures/tiny/llava-tiny")
 BLIP2 = ModelSpec("blip2-tiny", "blip2", "fixtures/tiny/blip2-tiny")
@@ -42,15 +42,14 @@ class SmallWorld(DataStore):
     minutes, and ensure_world would replace any other layout with it."""
 
     def load(self, spec):
-        task = get_task(spec.name)
+        task = TASKS.get(spec.name)
         return task.load_official(self.cache_dir / "world" / task.folder, spec.split)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
-    generate_world(cache / "world", seed=DEFAULT_SEED, split_images={"train": 40, "val": 20}, others={},
-                   progress=False)
+    generate_world(cache / "world", seed=DEFAULT_SEED, layout={"vqav2": {"train": 40, "val": 20}}, progress=False)
     return SmallWorld(cache, cache)
 
 
@@ -67,8 +66,8 @@ def measured_and_exported(data, case, out: Path):
 
 
 def with_model(adapter, model):
-    """The adapter's prompts, processor and decoding over another model."""
-    clone = type(adapter)(adapter.name, model, adapter.processor, adapter.device, adapter.generation)
+    """The adapter's prompts and processor over another model."""
+    clone = type(adapter)(adapter.name, model, adapter.processor, adapter.device)
     clone.components = adapter.components
     return clone
 
@@ -97,7 +96,7 @@ def test_exported_checkpoint_loads_back_bit_true(data, model, config, tmp_path):
 
     samples = data.load(TaskSpec("vqav2"))[:SAMPLES]
     inputs = measured.model_inputs([s.image() for s in samples],
-                                   [measured.prompt("short_answer", question=s.question) for s in samples])
+                                   [measured.short_answer_prompt(s.question) for s in samples])
     with torch.no_grad():
         diff = (measured.model(**inputs).logits - loaded(**inputs).logits).abs().max().item()
     assert diff == 0.0   # bit-true, not merely within bf16 rounding
@@ -159,6 +158,6 @@ def _row(case):
     from reports.schema import CSV_COLUMNS
     row = dict.fromkeys(CSV_COLUMNS, "")
     row.update(run_id="r1", test_id=f"test_vqav2[{case.id}]", model=case.model.name, task="vqav2",
-               config=case.config.name, method=case.config.method, config_hash=case.config_hash, metric="accuracy",
+               config=case.config.name, method=case.config.method.name, config_hash=case.config_hash, metric="accuracy",
                value="90.0", primary="true", status="passed")
     return row

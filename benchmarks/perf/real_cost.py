@@ -267,7 +267,7 @@ def main() -> None:
 
     device = torch.device(args.device)
     dtype = torch.bfloat16   # tinygemm's dtype; also the released models'
-    world = ensure_world(args.world, split_images={"train": 200, "val": 8}, others={})
+    world = ensure_world(args.world, layout={"vqav2": {"train": 200, "val": 8}})
     rows = []
     for method in args.methods.split(","):
         if METHODS.get(method, "") == "":
