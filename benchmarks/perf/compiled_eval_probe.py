@@ -1,0 +1,142 @@
+"""Where the LLaVA-1.5-7B VQAv2-style batch spends its time, and what compiling buys (issue 23).
+
+A probe, not the suite: the random-init LLaVA-1.5-7B architecture (timings only), batches of
+--batch embedded-world VQAv2 prompts, each variant warmed up on the first batch and timed on the
+next ones. Variants:
+  eager          model.generate as the suite runs it today (dynamic cache, SDPA)
+  static         generate with a static cache: transformers compiles the decode step
+                 (mode reduce-overhead: CUDA graphs)
+  prefill_*      one prefill (use_cache=False, logits of the last token): eager SDPA, the same
+                 batch without padding (what the mask costs), torch.compile of the model at a
+                 fixed padded length, and FlexAttention
+Prints one JSON line per measurement: seconds, samples/s, predictions equal to eager's.
+
+    python benchmarks/perf/compiled_eval_probe.py --variants eager,static,prefill
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+
+def timed(torch, fn):
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    value = fn()
+    sync()
+    return value, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--variants", default="eager,static,prefill")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batches", type=int, default=4, help="timed batches after the warm-up one")
+    parser.add_argument("--new-tokens", type=int, default=10)
+    parser.add_argument("--config", default="fixtures/configs/llava-1.5-7b-hf")
+    parser.add_argument("--device", default="cuda", help="cpu: try the probe on --config fixtures/tiny/llava-tiny")
+    parser.add_argument("--world", type=Path, default=Path("/tmp/vqb-perf-world"))
+    args = parser.parse_args()
+
+    import torch
+    from benchmarks.perf.full_size import random_init_module
+    from fixtures.adapters.llava import LlavaAdapter
+    from fixtures.world.generate import ensure_world
+    from tasks import vqav2
+
+    world = ensure_world(args.world, layout={"vqav2": {"train": 20, "val": 120}})
+    samples = vqav2.load_official(world / "vqav2", "val")
+    device = torch.device(args.device)
+    if (REPO / args.config / "model.safetensors").is_file():   # a trained checkpoint (the tiny one)
+        adapter = LlavaAdapter.load("probe", str(REPO / args.config), device, "auto")
+        model, processor = adapter.model, adapter.processor
+    else:
+        model, processor = random_init_module().llava_model_and_processor(
+            REPO / args.config, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        adapter = LlavaAdapter("probe", model, processor, device)
+    pad = processor.tokenizer.pad_token_id
+    batches = []
+    for start in range(0, (args.batches + 1) * args.batch, args.batch):
+        chosen = samples[start:start + args.batch]
+        prompts = [adapter.prompt("short_answer", question=s.question) for s in chosen]
+        batches.append(adapter.model_inputs([s.image() for s in chosen], prompts))
+    lengths = [b["input_ids"].shape[1] for b in batches]
+
+    def report(**row):
+        print(json.dumps(row), flush=True)
+
+    report(work="setup", gpu=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
+           transformers=__import__("transformers").__version__, prompt_lengths=lengths)
+    variants = args.variants.split(",")
+    answers: dict[str, list] = {}
+
+    def generate_all(name, **extra):
+        _, warm = timed(torch, lambda: model.generate(**batches[0], max_new_tokens=args.new_tokens,
+                                                      do_sample=False, pad_token_id=pad, **extra))
+        outputs, seconds = [], 0.0
+        for inputs in batches[1:]:
+            out, spent = timed(torch, lambda: model.generate(**inputs, max_new_tokens=args.new_tokens,
+                                                             do_sample=False, pad_token_id=pad, **extra))
+            seconds += spent
+            outputs += out[:, inputs["input_ids"].shape[1]:].tolist()
+        answers[name] = outputs
+        same = sum(a == b for a, b in zip(outputs, answers.get("eager", outputs)))
+        report(work=name, warmup_s=round(warm, 2), seconds=round(seconds, 3),
+               samples_per_s=round(len(outputs) / seconds, 1), same_as_eager=f"{same}/{len(outputs)}",
+               peak_gb=round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None)
+
+    with torch.inference_mode():
+        if "eager" in variants:
+            generate_all("eager")
+        if "static" in variants:
+            generate_all("static", cache_implementation="static")
+        if "prefill" in variants:
+            inputs = batches[1]
+
+            def prefill(m, **kw):
+                return m(**kw, use_cache=False, logits_to_keep=1).logits
+            _, seconds = timed(torch, lambda: prefill(model, **inputs))
+            _, seconds = timed(torch, lambda: prefill(model, **inputs))
+            report(work="prefill_eager_sdpa", seconds=round(seconds, 3), tokens=inputs["input_ids"].numel())
+            # The batch's longest prompt (no padding) repeated: same shapes, no mask.
+            full = int(inputs["attention_mask"].sum(1).argmax())
+            rows = inputs["input_ids"].shape[0]
+            unpadded = {"input_ids": inputs["input_ids"][full:full + 1].expand(rows, -1).contiguous(),
+                        "pixel_values": inputs["pixel_values"]}
+            prefill(model, **unpadded)
+            _, seconds = timed(torch, lambda: prefill(model, **unpadded))
+            report(work="prefill_eager_no_mask", seconds=round(seconds, 3), tokens=unpadded["input_ids"].numel())
+            config = model.config
+            vision = lambda: model.model.get_image_features(  # noqa: E731
+                pixel_values=inputs["pixel_values"], vision_feature_layer=config.vision_feature_layer,
+                vision_feature_select_strategy=config.vision_feature_select_strategy)
+            vision()
+            _, seconds = timed(torch, vision)
+            report(work="vision_tower", seconds=round(seconds, 3))
+            try:
+                compiled = torch.compile(model, dynamic=False)
+                _, first = timed(torch, lambda: prefill(compiled, **inputs))
+                _, seconds = timed(torch, lambda: prefill(compiled, **inputs))
+                _, again = timed(torch, lambda: prefill(compiled, **inputs))
+                report(work="prefill_compiled", compile_s=round(first, 1), seconds=round(min(seconds, again), 3))
+            except Exception as err:   # a probe: say what failed and go on
+                report(work="prefill_compiled", error=f"{type(err).__name__}: {str(err)[:300]}")
+            try:
+                model.set_attn_implementation("flex_attention")
+                prefill(model, **inputs)
+                _, seconds = timed(torch, lambda: prefill(model, **inputs))
+                report(work="prefill_flex", seconds=round(seconds, 3))
+                model.set_attn_implementation("sdpa")
+            except Exception as err:
+                report(work="prefill_flex", error=f"{type(err).__name__}: {str(err)[:300]}")
+
+
+if __name__ == "__main__":
+    main()
