@@ -29,7 +29,7 @@ def add_parser(commands) -> None:
     )
     export.add_argument("run", metavar="RUN_DIR", help="a run dir (its results.csv names the config)")
     export.add_argument("config", metavar="CONFIG", help="the config's name in the grid")
-    export.add_argument("--out", metavar="DIR", required=True, help="the checkpoint folder (replaced)")
+    export.add_argument("--out", metavar="DIR", required=True, help="the checkpoint folder: new, empty, or an earlier export (replaced)")
     export.add_argument("--grid", default=str(ROOT / "benchmarks" / "grids" / "default.yaml"),
                         help="the grid the run used (default: the embedded default grid)")
     export.add_argument("--model", help="the model, when the run measured the config on several")

@@ -152,12 +152,17 @@ def test_cli_exports_a_run_config_and_says_why_not(data, tmp_path, capsys, monke
     assert (tmp_path / "ckpt" / "model.safetensors").is_file()
     assert reports_main([*args[:2], "rtn-w4g32-all", *args[3:]]) == 2
     assert "no rows of config 'rtn-w4g32-all'" in capsys.readouterr().err
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    assert reports_main([*args[:3], "--out", str(busy), *args[5:]]) == 2   # never emptied
+    assert "is not an earlier export" in capsys.readouterr().err and (busy / "keep.txt").is_file()
 
 
 def _row(case):
     from reports.schema import CSV_COLUMNS
     row = dict.fromkeys(CSV_COLUMNS, "")
     row.update(run_id="r1", test_id=f"test_vqav2[{case.id}]", model=case.model.name, task="vqav2",
-               config=case.config.name, method=case.config.method, config_hash=case.config_hash, metric="accuracy",
-               value="90.0", primary="true", status="passed")
+               config=case.config.name, method=case.config.method.name, config_hash=case.config_hash,
+               metric="accuracy", value="90.0", primary="true", status="passed")
     return row
