@@ -24,7 +24,7 @@ _EPSILON = 1e-9
 # Columns that say which samples a score was measured on. n_samples is in the contract; the
 # others are used when a results file has them (written by newer runs), and compared only when
 # both sides give a value.
-SAMPLE_IDENTITY_COLUMNS = ("n_samples", "split", "data_source", "sample_seed")
+SAMPLE_IDENTITY_COLUMNS = ("n_samples", "split", "data_source", "sample_seed", "subset")
 
 REGRESSION, IMPROVEMENT, UNCHANGED = "REGRESSION", "improvement", "ok"
 NOT_COMPARABLE, ADDED, REMOVED = "not comparable", "added", "removed"

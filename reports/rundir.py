@@ -353,4 +353,8 @@ def _row_conflicts(rows: list[dict[str, str]], identity: Mapping[str, Any]) -> l
             found.add(f"{task}: {measured} samples there, limit {limit} now")
         elif limit is not None and row["split"] and not row["sample_seed"]:
             found.add(f"{task}: the whole split there, limit {limit} now")
+        elif limit is not None and (row["subset"] or "samples") != (now.get("subset") or "samples"):
+            # Files written before the column drew every task's subset sample by sample.
+            found.add(f"{task}: a subset drawn by {row['subset'] or 'samples'} there, "
+                      f"by {now.get('subset') or 'samples'} now")
     return sorted(found)

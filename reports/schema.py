@@ -45,11 +45,12 @@ CSV_COLUMNS: tuple[str, ...] = (
     "split",  # the task's evaluated split
     "data_source",  # the grid's `data:` of the task (embedded | DIR | hf:ID@REVISION)
     "sample_seed",  # the seed of the evaluated subset under a limit; "" for the whole split
+    "subset",  # what a limited subset draws: "images" (each with all its questions) or "samples"
 )
 
 # Columns added after the first release, with the value a file written before them means.
 OPTIONAL_COLUMNS: dict[str, str] = {"weights": "trained", "a_quant": "", "split": "", "data_source": "",
-                                    "sample_seed": ""}
+                                    "sample_seed": "", "subset": ""}
 RANDOM_INIT = "random-init"
 
 # "crashed": the xdist worker running the test died (the main process records it).

@@ -83,6 +83,27 @@ def seeded_subset(samples: Sequence, limit: int, seed: int) -> Sequence:
     return [samples[i] for i in seeded_indices(len(samples), limit, seed)]
 
 
+def whole_image_subset(samples: Sequence, limit: int, seed: int) -> Sequence:
+    """`limit` samples drawn image by image (`sample.image_id`): the images in a seeded order, each
+    with all its questions, until `limit` (the last image drawn gives only what is left), in file
+    order. Questions about one image share its prompt prefix, which the evaluation prefills once
+    (share_image_prefix); a subset drawn question by question would ask about one question per
+    image and share nothing, so it would measure another speed than the full split does."""
+    if limit >= len(samples):
+        return samples
+    by_image: dict[Any, list[int]] = {}
+    for i, sample in enumerate(samples):
+        by_image.setdefault(sample.image_id, []).append(i)
+    images = sorted(by_image)   # the same images drawn whatever the file's order
+    random.Random(seed).shuffle(images)
+    chosen: list[int] = []
+    for image in images:
+        chosen += by_image[image][:limit - len(chosen)]
+        if len(chosen) == limit:
+            break
+    return [samples[i] for i in sorted(chosen)]
+
+
 def percent_by_group(groups: dict[str, list], prefix: str) -> dict[str, float]:
     """{prefix + group: mean score in %} for each non-empty group name. Names become one token
     for CSVs and marks: "natural science" -> <prefix>natural_science, "yes/no" -> <prefix>yes_no."""

@@ -368,4 +368,5 @@ def _synchronize(device: Any) -> None:
 TASK = register_task(TaskDef(
     name=NAME, folder="flickr30k", default_split="test", requests=("retrieval",),
     primary_metric=PRIMARY_METRIC, higher_is_better=True, load_official=load_official, load_hf=load_hf,
-    evaluate=evaluate, sample_id="image_id", options=MappingProxyType({"k_test": 128}), subset=subset))
+    evaluate=evaluate, sample_id="image_id", options=MappingProxyType({"k_test": 128}), subset=subset,
+    subset_unit="images"))

@@ -38,8 +38,10 @@ class TaskDef:
     sample_score: str | None = None
     # Task-specific settings a grid may give (name -> default), passed to evaluate().
     options: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
-    # (samples, limit, seed) -> a seeded subset; retrieval keeps whole images with their captions.
+    # (samples, limit, seed) -> a seeded subset; retrieval keeps whole images with their captions,
+    # VQAv2 whole images with their questions. subset_unit names what it draws (the CSV's `subset`).
     subset: Callable[[Sequence, int, int], Sequence] = seeded_subset
+    subset_unit: str = "samples"
     # sample -> (question, answer) for a calibration pair; None: not a calibration source.
     calibration_pair: Callable[[Any], tuple[str, str]] | None = None
     # Secondary metrics that say why the primary one moved (the share of replies that fail the

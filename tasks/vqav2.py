@@ -16,7 +16,7 @@ from typing import Any, Callable
 from PIL import Image
 
 from tasks.base import (DataError, LazyImage, TaskResult, generate_replies, load_hf_rows, open_image, percent_by_group,
-                        read_json, require)
+                        read_json, require, whole_image_subset)
 from tasks.registry import TaskDef, register_task
 from tasks.requests import Generation, ShortAnswer
 from tasks.vqa_eval import answer_format_metrics, vqa_accuracy
@@ -111,5 +111,5 @@ TASK = register_task(TaskDef(
     name=NAME, folder="vqav2", default_split="val", requests=("short_answer",),
     primary_metric=PRIMARY_METRIC, higher_is_better=True, load_official=load_official, load_hf=load_hf,
     evaluate=evaluate, diagnostics=("format_failures", "answer_words"), sample_id="question_id", sample_score="score",
-    generation=GENERATION,
+    generation=GENERATION, subset=whole_image_subset, subset_unit="images",
     calibration_pair=lambda sample: (sample.question, sample.multiple_choice_answer)))

@@ -128,5 +128,8 @@ def test_resume_of_a_dir_without_its_identity_file_checks_the_rows(tmp_path):
     assert run_dir.identity_conflicts(wanted(limit=None)) == [
         "task vqav2: a seeded subset of 4 samples there, the whole split now"]
     assert run_dir.identity_conflicts(wanted(split="test")) == ["task vqav2: split val there, test now"]
+    # Rows from before the subset column: VQAv2's limited subset was drawn question by question.
+    assert run_dir.identity_conflicts(wanted(subset="images")) == [
+        "task vqav2: a subset drawn by samples there, by images now"]
     with pytest.raises(RunDirError, match=r"would measure other samples .*4 samples there, limit 3 now"):
         run_dir.check_resumable(wanted(limit=3))

@@ -143,7 +143,7 @@ def test_sections_come_in_reading_order():
         "#### Regr", "#### Impr", "#### Not ", "#### Adde", "#### Remo"]
 
 
-@pytest.mark.parametrize("column", ["split", "data_source", "sample_seed"])
+@pytest.mark.parametrize("column", ["split", "data_source", "sample_seed", "subset"])
 def test_other_split_source_or_seed_is_not_comparable_when_both_sides_say(column):
     base, head = make_row(value=80.0, **{column: "a"}), make_row(value=60.0, **{column: "b"})
 

@@ -35,6 +35,31 @@ def test_official_files_load_with_ten_answers(world):
     assert {s.answer_type for s in samples} <= {"yes/no", "number", "other"}
 
 
+def test_a_limited_subset_keeps_each_images_questions_together(world):
+    samples = vqav2.load_official(world / "vqav2", "val2014")
+    per_image = {}
+    for sample in samples:
+        per_image[sample.image_id] = per_image.get(sample.image_id, 0) + 1
+    limit = len(samples) // 3
+    subset = vqav2.TASK.subset(samples, limit, 0)
+    assert len(subset) == limit and len({s.question_id for s in subset}) == limit
+    taken = {}
+    for sample in subset:
+        taken[sample.image_id] = taken.get(sample.image_id, 0) + 1
+    # Every image drawn brings all its questions but the last one drawn, which fills the limit.
+    partial = [image for image, n in taken.items() if n < per_image[image]]
+    assert len(partial) <= 1, partial
+    assert len(taken) < limit   # several questions per image: fewer images than questions
+    order = {s.question_id: i for i, s in enumerate(samples)}
+    assert [order[s.question_id] for s in subset] == sorted(order[s.question_id] for s in subset)
+    # Seeded: the same subset again, another with another seed, the same images from a file in
+    # another order (the file's order picks only which questions of the last image fill the limit).
+    assert vqav2.TASK.subset(samples, limit, 0) == subset
+    assert vqav2.TASK.subset(samples, limit, 1) != subset
+    assert {s.image_id for s in vqav2.TASK.subset(list(reversed(samples)), limit, 0)} == set(taken)
+    assert vqav2.TASK.subset(samples, len(samples), 0) is samples
+
+
 def test_missing_file_names_the_path(tmp_path):
     with pytest.raises(DataMissing, match="v2_OpenEnded_mscoco_val2014_questions.json"):
         vqav2.load_official(tmp_path, "val2014")
