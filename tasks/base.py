@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
@@ -199,3 +202,31 @@ def load_hf_rows(dataset: str, split: str, revision: str | None = None, config: 
         return datasets.load_dataset(dataset, config, split=split, revision=revision)
     except (FileNotFoundError, ConnectionError) as err:
         raise DataMissing(f"dataset {dataset!r} (split {split}) not available offline: {err}") from None
+
+
+class PhaseClock:
+    """Wall seconds per named phase, summed over its uses (retrieval's image side, ITC and ITM
+    pairs; the runtime's model build, snapshot, restore, cache). On CUDA the device is
+    synchronized at each boundary, so a phase is charged for its own kernels."""
+    def __init__(self, device: Any = None) -> None:
+        self.device, self.seconds = device, {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        _synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            _synchronize(self.device)
+            self.add(phase, time.perf_counter() - start)
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+
+
+def _synchronize(device: Any) -> None:
+    # The given device: a worker pinned to cuda:N may not have made it the current one, and
+    # touching another GPU would open a context there.
+    if isinstance(device, torch.device) and device.type == "cuda":
+        torch.cuda.synchronize(device)

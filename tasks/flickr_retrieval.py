@@ -20,8 +20,6 @@ its top K), img_r1/5/10 text->image, txt_r_mean, img_r_mean, r_mean (primary).
 """
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -32,7 +30,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from tasks.base import (DataError, DataMissing, LazyImage, TaskResult, batched, karpathy_sentences, open_image, read_json,
+from tasks.base import (DataError, DataMissing, LazyImage, PhaseClock, TaskResult, batched, karpathy_sentences, open_image, read_json,
                         require, seeded_indices)
 from tasks.registry import TaskDef, register_task
 from tasks.requests import Retrieval, SharedImageSide
@@ -306,7 +304,7 @@ def evaluate(adapter: Retrieval, data: RetrievalSet | list[FlickrImage], k_test:
         raise ValueError(f"flickr_retrieval: k_test must be >= 1, got {k_test}")
     n_images, n_texts = len(data.images), len(data.texts)
     bar = tqdm(total=2 * n_images + n_texts, desc=NAME, unit="item", disable=not progress, leave=False)
-    clock = _PhaseClock(getattr(adapter, "device", None))
+    clock = PhaseClock(getattr(adapter, "device", None))
     shared = shares_image_side(adapter)
     if shared:
         with clock("image_side"):
@@ -341,28 +339,6 @@ def evaluate(adapter: Retrieval, data: RetrievalSet | list[FlickrImage], k_test:
     details = {f"seconds_{phase}": round(sec, 3) for phase, sec in clock.seconds.items()}
     details["itm_pairs"] = int(pairs.sum())
     return TaskResult(metrics, PRIMARY_METRIC, True, n_images, logs, details=details)
-
-
-class _PhaseClock:
-    """Wall seconds per named phase; on CUDA the device is synchronized at each boundary so a
-    phase is charged for its own kernels."""
-    def __init__(self, device: Any = None) -> None:
-        self.device, self.seconds = device, {}
-
-    @contextmanager
-    def __call__(self, phase: str):
-        _synchronize(self.device)
-        start = time.perf_counter()
-        yield
-        _synchronize(self.device)
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
-
-
-def _synchronize(device: Any) -> None:
-    # The adapter's own device: a worker pinned to cuda:N may not have made it the current one,
-    # and touching another GPU would open a context there.
-    if isinstance(device, torch.device) and device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 TASK = register_task(TaskDef(

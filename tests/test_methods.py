@@ -13,6 +13,8 @@ from quantizers.cache import QuantCache, cache_key
 from quantizers.config import ConfigError, make_config
 from quantizers.methods import all_methods
 from fixtures.runtime.models import ModelPool
+from fixtures.runtime.session import Session
+from reports.rundir import RunDir
 from quantizers.targets import select_targets
 from fixtures.adapters import llava
 from tasks import vqav2
@@ -166,3 +168,21 @@ def test_undoing_a_config_keeps_the_models_own_hooks(bench):
     fp = [s["prediction"] for s in vqav2.evaluate(pool.fp(MODEL), samples, 4, progress=False).samples]
     fresh = [s["prediction"] for s in vqav2.evaluate(fresh_pool(bench).fp(MODEL), samples, 4, progress=False).samples]
     assert fp == fresh and len(quantized) == 4
+
+
+def test_each_test_records_the_runtime_phases_it_paid_for(bench, tmp_path):
+    """The first test of a model carries its build and FP baseline; a calibrated config its host
+    snapshot, calibration data and the cache's share; the next config the restore of the one before."""
+    session = Session(bench.data, ModelPool(torch.device("cpu"), tmp_path / "cache"), RunDir(tmp_path / "run"),
+                      torch.device("cpu"))
+    fp = session.run(case_for(make_config("fp16", "fp")))
+    first = session.run(case_for(make_config("gptq-w4-language", "gptq", {"language": 4})))
+    second = session.run(case_for(make_config("rtn-w3-language", "rtn", {"language": 3})))
+
+    assert {"model_build", "fp_baseline"} <= set(fp.phases) and fp.eval_seconds > 0
+    assert {"snapshot", "calibration_data", "fingerprint", "cache_write"} <= set(first.phases)
+    assert "model_build" not in first.phases and "calibration_data" not in second.phases   # RTN: none
+    assert "restore" in second.phases and "fp_baseline" not in second.phases
+    assert all(seconds >= 0 for o in (fp, first, second) for seconds in o.phases.values())
+    properties = dict(session.properties(second))
+    assert properties["phase.restore"] == second.phases["restore"]
