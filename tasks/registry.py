@@ -3,9 +3,9 @@
 The grid validates task names and options against it, the runtime loads, subsets and evaluates
 through it, the plugin turns its names into marks, and a model family serves a task when its
 adapter answers every request kind the task sends (tasks/requests.py). Adding a task means
-adding its module to this package (discovered: every module that registers a TaskDef), its thin
-test module under benchmarks/, and its writer in the embedded world (fixtures/world/); nothing
-else.
+adding its module to this package (discovered: every module that registers a TaskDef) and its
+writer in the embedded world (fixtures/world/); nothing else: the plugin collects its benchmark
+as `benchmarks/test_<task>.py` whether or not that file exists (fixtures/runtime/task_modules.py).
 """
 from __future__ import annotations
 
