@@ -255,6 +255,12 @@ def needs_whole_prefill(model: nn.Module) -> bool:
                for module in model.modules() for hook in module._forward_pre_hooks.values())
 
 
+def has_activation_quantizers(model: nn.Module) -> bool:
+    """Whether any Linear of the model quantizes its inputs (a W-A config is applied)."""
+    return any(isinstance(hook, ActivationQuantizer)
+               for module in model.modules() for hook in module._forward_pre_hooks.values())
+
+
 def attach(modules: Mapping[str, nn.Module], bits: int, specs: Mapping[str, ActivationQuant],
            ranges: Mapping[str, Range] | None = None, tokens: TokenMask | None = None) -> list:
     """One quantizer per named Linear (specs: each one's concrete quantizer, from plan());

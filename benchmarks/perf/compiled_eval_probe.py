@@ -6,6 +6,9 @@ next ones. Variants:
   eager          model.generate as the suite runs it today (dynamic cache, SDPA)
   static         generate with a static cache: transformers compiles the decode step
                  (mode reduce-overhead: CUDA graphs)
+  suite_eager    the suite's adapter.generate_encoded, default settings
+  suite_static   the same with Generation(static_cache=True) (fixtures/adapters/static_decode.py)
+  suite_shared   the same with share_image_prefix=True
   prefill_*      one prefill (use_cache=False, logits of the last token): eager SDPA, the same
                  batch without padding (what the mask costs), torch.compile of the model at a
                  fixed padded length, and FlexAttention
@@ -16,6 +19,7 @@ Prints one JSON line per measurement: seconds, samples/s, predictions equal to e
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import json
 import sys
 import time
@@ -62,11 +66,12 @@ def main() -> None:
             REPO / args.config, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
         adapter = LlavaAdapter("probe", model, processor, device)
     pad = processor.tokenizer.pad_token_id
-    batches = []
+    batches, encoded = [], []
     for start in range(0, (args.batches + 1) * args.batch, args.batch):
         chosen = samples[start:start + args.batch]
-        prompts = [adapter.prompt("short_answer", question=s.question) for s in chosen]
-        batches.append(adapter.model_inputs([s.image() for s in chosen], prompts))
+        prompts = [adapter.short_answer_prompt(s.question) for s in chosen]
+        encoded.append(adapter.encode([s.image() for s in chosen], prompts))
+        batches.append(adapter.to_device(encoded[-1]))
     lengths = [b["input_ids"].shape[1] for b in batches]
 
     def report(**row):
@@ -92,7 +97,30 @@ def main() -> None:
                samples_per_s=round(len(outputs) / seconds, 1), same_as_eager=f"{same}/{len(outputs)}",
                peak_gb=round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None)
 
+    def suite_all(name, generation):
+        """The suite's own path (adapter.generate_encoded) with these decoding settings."""
+        graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]  # noqa: E731
+        before = graphs()
+        _, warm = timed(torch, lambda: adapter.generate_encoded(encoded[0], generation))
+        outputs, seconds = [], 0.0
+        for batch in encoded[1:]:
+            out, spent = timed(torch, lambda: adapter.generate_encoded(batch, generation))
+            seconds += spent
+            outputs += out
+        answers[name] = outputs
+        same = sum(a == b for a, b in zip(outputs, answers.get("suite_eager", outputs)))
+        report(work=name, warmup_s=round(warm, 2), seconds=round(seconds, 3),
+               samples_per_s=round(len(outputs) / seconds, 1), same_as_suite_eager=f"{same}/{len(outputs)}",
+               compiled_graphs=graphs() - before,
+               peak_gb=round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None)
+
     with torch.inference_mode():
+        from tasks.requests import Generation
+        plain = Generation(max_new_tokens=args.new_tokens)
+        for name, generation in (("suite_eager", plain), ("suite_static", replace(plain, static_cache=True)),
+                                 ("suite_shared", replace(plain, share_image_prefix=True))):
+            if name in variants:
+                suite_all(name, generation)
         if "eager" in variants:
             generate_all("eager")
         if "static" in variants:
