@@ -1,0 +1,60 @@
+"""Greedy decoding with a static KV cache at padded prompt lengths (fixtures/adapters/static_decode.py)
+gives generate's own predictions; on a GPU it differs only in that the decode step is compiled."""
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from fixtures.adapters import base, load_adapter
+from fixtures.adapters.static_decode import LENGTH_MULTIPLE, pad_prompt_length
+from fixtures.world.generate import generate_world
+from tasks import vqav2
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    generate_world(root, seed=5, layout={"vqav2": {"train": 2, "val": 30}}, progress=False)
+    return vqav2.load_official(root / "vqav2", "val2014")[:30]
+
+
+def test_prompts_are_left_padded_to_the_multiple():
+    ids = torch.tensor([[0, 5, 6], [7, 8, 9]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    padded = pad_prompt_length({"input_ids": ids, "attention_mask": mask, "pixel_values": torch.ones(2, 1)}, 4, 0)
+    assert padded["input_ids"].tolist() == [[0, 0, 5, 6], [0, 7, 8, 9]]
+    assert padded["attention_mask"].tolist() == [[0, 0, 1, 1], [0, 1, 1, 1]]
+    assert torch.equal(padded["pixel_values"], torch.ones(2, 1))
+    again = pad_prompt_length(padded, 4, 0)
+    assert again["input_ids"] is padded["input_ids"]
+    assert LENGTH_MULTIPLE % 8 == 0
+
+
+@pytest.mark.parametrize("family,path", [("llava", "fixtures/tiny/llava-tiny"), ("blip2", "fixtures/tiny/blip2-tiny")])
+def test_static_cache_gives_generates_predictions(samples, family, path, monkeypatch):
+    adapter = load_adapter("t", family, path, torch.device("cpu"), "float32", ROOT)
+    calls = []
+    real = base.generate_static
+    monkeypatch.setattr(base, "generate_static", lambda *a: calls.append(a) or real(*a))
+    # 30 samples at batch 16: a full batch and a shorter tail, both padded to the same length.
+    plain = vqav2.evaluate(adapter, samples, batch_size=16, progress=False)
+    static = vqav2.evaluate(adapter, samples, batch_size=16, progress=False,
+                            generation=replace(vqav2.GENERATION, static_cache=True))
+    assert [s["prediction"] for s in static.samples] == [s["prediction"] for s in plain.samples]
+    assert static.metrics == plain.metrics
+    assert len(calls) == 2, "both batches took the static path"
+
+
+def test_activation_quantized_models_decode_the_usual_way(samples, monkeypatch):
+    adapter = load_adapter("t", "llava", "fixtures/tiny/llava-tiny", torch.device("cpu"), "float32", ROOT)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the static path ran on a model with activation quantizers")
+    monkeypatch.setattr(base, "generate_static", refuse)
+    monkeypatch.setattr(base, "has_activation_quantizers", lambda model: True)
+    result = vqav2.evaluate(adapter, samples[:4], batch_size=4, progress=False,
+                            generation=replace(vqav2.GENERATION, static_cache=True))
+    assert len(result.samples) == 4
