@@ -186,3 +186,24 @@ def test_each_test_records_the_runtime_phases_it_paid_for(bench, tmp_path):
     assert all(seconds >= 0 for o in (fp, first, second) for seconds in o.phases.values())
     properties = dict(session.properties(second))
     assert properties["phase.restore"] == second.phases["restore"]
+
+
+def test_one_host_snapshot_per_model_copies_each_component_once():
+    """The pool's snapshot grows with the components configs quantize; restoring one config's
+    components leaves the others alone."""
+    from torch import nn
+
+    from fixtures.runtime.models import HostSnapshot
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    fp = {name: p.detach().clone() for name, p in model.named_parameters()}
+    snapshot = HostSnapshot(model, ["0"])
+    held = dict(snapshot.params)
+    snapshot.add(model, ["0", "1"])
+    assert sorted(snapshot.params) == sorted(fp) and all(snapshot.params[n] is t for n, t in held.items())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    snapshot.restore(model, ["1"])
+    assert torch.equal(model[1].weight, fp["1.weight"]) and torch.equal(model[0].weight, fp["0.weight"] + 1)
+    snapshot.restore(model)
+    assert all(torch.equal(p, fp[n]) for n, p in model.named_parameters())
