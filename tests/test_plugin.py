@@ -1,4 +1,6 @@
 """The plugin seen from the command line: mark selection, ids, and one-line usage errors."""
+import functools
+import json
 import re
 import subprocess
 import sys
@@ -22,6 +24,24 @@ def collected(*args):
     return sorted(line.split("::", 1)[1] for line in out.stdout.splitlines() if "::" in line)
 
 
+@functools.cache
+def marks_of(*args) -> dict[str, frozenset]:
+    """Every collected benchmark's marks, from one collection."""
+    out = pytest_run("--collect-only", "-q", "-p", "tests.dump_marks", *args)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = [json.loads(line.removeprefix("MARKS ")) for line in out.stdout.splitlines() if line.startswith("MARKS ")]
+    return {name: frozenset(marks) for name, marks in rows}
+
+
+def selected(expr: str, *args) -> list[str]:
+    """What `pytest -m expr` selects, by pytest's own mark-expression evaluator over one collection
+    (test_w4_selects_exactly_the_four_bit_parameters checks the two agree)."""
+    from _pytest.mark.expression import Expression
+    expression = Expression.compile(expr)
+    return sorted(name for name, marks in marks_of(*args).items()
+                  if expression.evaluate(lambda mark, **kwargs: mark in marks))
+
+
 LLAVA_TASKS = ("coco_caption", "scienceqa", "text_ppl", "vizwiz", "vqav2")
 BLIP2_CASES = ("test_coco_caption[blip2-tiny-{}]", "test_vqav2[blip2-tiny-{}]",
                "test_flickr_retrieval[blip2-tiny-retrieval-{}]")
@@ -36,14 +56,15 @@ def test_w4_selects_exactly_the_four_bit_parameters():
     vqa_only = [f"test_vqav2[llava-tiny-{c}]" for c in ("gptq-w4-all", "rtn-w4-language",
                                                         "rtn-w4-vision", "rtn-w4g32-all")]
     weights_and_activations = [f"test_scienceqa[llava-tiny-{c}]" for c in ("awq-w4a4-all", "qvlm-w4a4-all")]
-    assert collected("-m", "w4") == sorted(every_task("rtn-w4-all") + every_task("awq-w4-all") + vqa_only
-                                           + weights_and_activations)
+    expected = sorted(every_task("rtn-w4-all") + every_task("awq-w4-all") + vqa_only + weights_and_activations)
+    assert collected("-m", "w4") == expected
+    assert selected("w4") == expected     # the evaluator the other selections use agrees with -m
 
 
 def test_issue_selections_run_every_task_of_every_model():
-    assert collected("-m", "w3 and gptq and not qig") == sorted(every_task("gptq-w3-all"))
-    assert collected("-m", "w4 and awq and not a4") == sorted(every_task("awq-w4-all"))
-    assert collected("-m", "a4 and qvlm") == ["test_scienceqa[llava-tiny-qvlm-w4a4-all]"]
+    assert selected("w3 and gptq and not qig") == sorted(every_task("gptq-w3-all"))
+    assert selected("w4 and awq and not a4") == sorted(every_task("awq-w4-all"))
+    assert selected("a4 and qvlm") == ["test_scienceqa[llava-tiny-qvlm-w4a4-all]"]
 
 
 @pytest.mark.parametrize("expr, expected", [
@@ -59,7 +80,7 @@ def test_issue_selections_run_every_task_of_every_model():
     ("fp16 and text_ppl", ["test_text_ppl[llava-tiny-fp16]"]),
 ])
 def test_mark_expressions(expr, expected):
-    assert collected("-m", expr) == expected
+    assert selected(expr) == expected
 
 
 def metric_values(report_dir):
@@ -84,10 +105,10 @@ def test_xdist_gives_the_metrics_and_test_ids_of_a_serial_run(tmp_path):
 
 
 def test_sensitivity_grid_covers_every_scope_and_bit_width():
-    ids = [i.split("[")[1].rstrip("]") for i in collected("--grid", "benchmarks/grids/sensitivity.yaml")
-           if "llava-tiny" in i]
+    names = collected("--grid", "benchmarks/grids/sensitivity.yaml")
+    ids = [i.split("[")[1].rstrip("]") for i in names if "llava-tiny" in i]
     assert len(ids) == 16 * 4   # every config on each of the four tasks the tiny LLaVA serves
-    retrieval = [i for i in collected("--grid", "benchmarks/grids/sensitivity.yaml") if "retrieval-" in i]
+    retrieval = [i for i in names if "retrieval-" in i]
     assert all(i.startswith("test_flickr_retrieval[") for i in retrieval)
     assert not any("language" in i for i in retrieval) and any("qformer" in i for i in retrieval)
     for scope in ("vision", "language", "all"):
