@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures.adapters import base, load_adapter
+from fixtures.adapters import base, load_adapter, static_decode
 from fixtures.adapters.static_decode import LENGTH_MULTIPLE, pad_prompt_length
 from fixtures.world.generate import generate_world
 from tasks import vqav2
@@ -38,7 +38,7 @@ def test_static_cache_gives_generates_predictions(samples, family, path, monkeyp
     adapter = load_adapter("t", family, path, torch.device("cpu"), "float32", ROOT)
     calls = []
     real = base.generate_static
-    monkeypatch.setattr(base, "generate_static", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(base, "generate_static", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     # 30 samples at batch 16: a full batch and a shorter tail, both padded to the same length.
     plain = vqav2.evaluate(adapter, samples, batch_size=16, progress=False)
     static = vqav2.evaluate(adapter, samples, batch_size=16, progress=False,
@@ -46,6 +46,13 @@ def test_static_cache_gives_generates_predictions(samples, family, path, monkeyp
     assert [s["prediction"] for s in static.samples] == [s["prediction"] for s in plain.samples]
     assert static.metrics == plain.metrics
     assert len(calls) == 2, "both batches took the static path"
+    # LLaVA's prompt is prefilled into the held static cache by the path's own (on a GPU,
+    # compiled) forward; BLIP-2's generate builds its language model's inputs itself.
+    assert [kw["own_prefill"] for kw in calls] == [family == "llava"] * 2
+    held = static_decode._HELD.get(adapter.model)
+    assert (held is not None and held.cache is not None) == (family == "llava")
+    static_decode.release(adapter.model)
+    assert held is None or held.cache is None
 
 
 def test_activation_quantized_models_decode_the_usual_way(samples, monkeypatch):
