@@ -65,3 +65,26 @@ def test_activation_quantized_models_decode_the_usual_way(samples, monkeypatch):
     result = vqav2.evaluate(adapter, samples[:4], batch_size=4, progress=False,
                             generation=replace(vqav2.GENERATION, static_cache=True))
     assert len(result.samples) == 4
+
+
+def test_shared_prefixes_decoded_from_a_static_cache_give_generates_predictions(samples, monkeypatch):
+    """share_image_prefix with static_cache: each image's prefix prefilled once, its keys and
+    values copied into the static cache (padded between prefix and question), decoded from there."""
+    adapter = load_adapter("t", "llava", "fixtures/tiny/llava-tiny", torch.device("cpu"), "float32", ROOT)
+    assert len({s.image_id for s in samples}) < len(samples)   # images asked about more than once
+    plain = vqav2.evaluate(adapter, samples, batch_size=16, progress=False)
+    copies = []
+    real = static_decode.static_copy
+    monkeypatch.setattr(static_decode, "static_copy", lambda *a: copies.append(a[2]) or real(*a))
+    both = vqav2.evaluate(adapter, samples, batch_size=16, progress=False,
+                          generation=replace(vqav2.GENERATION, share_image_prefix=True, static_cache=True))
+    assert [s["prediction"] for s in both.samples] == [s["prediction"] for s in plain.samples]
+    assert copies and all(length % LENGTH_MULTIPLE == vqav2.GENERATION.max_new_tokens for length in copies)
+
+
+def test_widening_inserts_masked_pads_after_the_prefix():
+    ids = torch.tensor([[1, 9, 0, 5], [1, 9, 7, 7]])
+    wide, mask = static_decode.widen_after(ids, (ids != 0).long(), 2, 0)
+    assert wide.shape[1] == LENGTH_MULTIPLE
+    assert wide[:, :2].tolist() == [[1, 9], [1, 9]] and wide[:, -2:].tolist() == [[0, 5], [7, 7]]
+    assert torch.equal(mask, (wide != 0).long())

@@ -9,6 +9,7 @@ next ones. Variants:
   suite_eager    the suite's adapter.generate_encoded, default settings
   suite_static   the same with Generation(static_cache=True) (fixtures/adapters/static_decode.py)
   suite_shared   the same with share_image_prefix=True
+  suite_shared_static  both
   prefill_*      one prefill (use_cache=False, logits of the last token): eager SDPA, the same
                  batch without padding (what the mask costs), torch.compile of the model at a
                  fixed padded length, and FlexAttention
@@ -118,7 +119,8 @@ def main() -> None:
         from tasks.requests import Generation
         plain = Generation(max_new_tokens=args.new_tokens)
         for name, generation in (("suite_eager", plain), ("suite_static", replace(plain, static_cache=True)),
-                                 ("suite_shared", replace(plain, share_image_prefix=True))):
+                                 ("suite_shared", replace(plain, share_image_prefix=True)),
+                                 ("suite_shared_static", replace(plain, share_image_prefix=True, static_cache=True))):
             if name in variants:
                 suite_all(name, generation)
         if "eager" in variants:
