@@ -22,12 +22,10 @@ from fixtures.runtime.data import DataStore
 from fixtures.runtime.export import PROVENANCE_FILE, ExportError, export_measured, measured_case
 from fixtures.runtime.grid import CalibrationSpec, Case, ModelSpec, TaskSpec
 from fixtures.runtime.models import ModelPool
-from fixtures.world.generate import DEFAULT_SEED, generate_world
 from quantizers.config import make_config
 from reports.__main__ import main as reports_main
 from reports.csv_log import write_results
 from tasks import vqav2
-from tasks.registry import TASKS
 
 LLAVA = ModelSpec("llava-tiny", "llava", "fixtures/tiny/llava-tiny")
 BLIP2 = ModelSpec("blip2-tiny", "blip2", "fixtures/tiny/blip2-tiny")
@@ -37,20 +35,13 @@ CALIBRATION = CalibrationSpec(samples=16, batch_size=8)
 SAMPLES = 12   # VQAv2 questions compared; every tiny Linear's width (48..128) is a multiple of 16
 
 
-class SmallWorld(DataStore):
-    """The suite's data store over a small VQAv2-only world: generating the default one takes
-    minutes, and ensure_world would replace any other layout with it."""
-
-    def load(self, spec):
-        task = TASKS.get(spec.name)
-        return task.load_official(self.cache_dir / "world" / task.folder, spec.split)
+SMALL_WORLD = {"vqav2": {"train": 40, "val": 20}}   # generating the default one takes minutes
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
-    generate_world(cache / "world", seed=DEFAULT_SEED, layout={"vqav2": {"train": 40, "val": 20}}, progress=False)
-    return SmallWorld(cache, cache)
+    return DataStore(cache, cache, world_layout=SMALL_WORLD)
 
 
 def pool(data):
