@@ -88,3 +88,17 @@ def test_widening_inserts_masked_pads_after_the_prefix():
     assert wide.shape[1] == LENGTH_MULTIPLE
     assert wide[:, :2].tolist() == [[1, 9], [1, 9]] and wide[:, -2:].tolist() == [[0, 5], [7, 7]]
     assert torch.equal(mask, (wide != 0).long())
+
+
+def test_a_cache_that_miscounts_its_prefill_falls_back_to_generates_own_filling(samples, monkeypatch):
+    """Where the cache would not report the tokens prefilled into it (transformers releases that
+    count them from the first row's keys), the own-prefill and shared paths step aside."""
+    adapter = load_adapter("t", "llava", "fixtures/tiny/llava-tiny", torch.device("cpu"), "float32", ROOT)
+    plain = vqav2.evaluate(adapter, samples, batch_size=16, progress=False)
+    asked = []
+    monkeypatch.setattr(static_decode, "holds", lambda cache, tokens: asked.append(tokens) and False)
+    for shared in (False, True):
+        result = vqav2.evaluate(adapter, samples, batch_size=16, progress=False,
+                                generation=replace(vqav2.GENERATION, share_image_prefix=shared, static_cache=True))
+        assert [s["prediction"] for s in result.samples] == [s["prediction"] for s in plain.samples]
+    assert len(asked) >= 3
