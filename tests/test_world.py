@@ -28,3 +28,14 @@ def test_ensure_world_regenerates_only_when_the_layout_changes(tmp_path):
     ensure_world(root, 0, {"scienceqa": {"train": 8}})
     assert read_manifest(root)["layout"] == {"scienceqa": {"train": 8}}
     assert len(_problems(root, "train")) == 8
+
+
+def test_folders_written_in_parallel_are_the_files_written_one_after_the_other(tmp_path, monkeypatch):
+    from fixtures.world import generate
+    layout = {"vqav2": {"train": 3, "val": 4}, "flickr30k": {"test": 3}, "scienceqa": {"train": 4}}
+    generate.generate_world(tmp_path / "parallel", 0, layout, progress=False)
+    monkeypatch.setattr(generate.os, "cpu_count", lambda: 1)
+    generate.generate_world(tmp_path / "serial", 0, layout, progress=False)
+    files = lambda root: {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}  # noqa: E731
+    parallel, serial = files(tmp_path / "parallel"), files(tmp_path / "serial")
+    assert len(parallel) > 10 and parallel == serial
