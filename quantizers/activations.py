@@ -31,7 +31,7 @@ state under `activation::<linear>::lo|hi` and attaches the hooks again from ther
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -247,18 +247,22 @@ class ActivationQuantizer(QuantizationHook):
         return lo, hi
 
 
+def activation_quantizers(model: nn.Module) -> Iterator["ActivationQuantizer"]:
+    """The activation quantizers attached to the model's Linears."""
+    return (hook for module in model.modules() for hook in module._forward_pre_hooks.values()
+            if isinstance(hook, ActivationQuantizer))
+
+
 def needs_whole_prefill(model: nn.Module) -> bool:
     """Whether a quantizer on the model takes its range from a sequence's whole prefill
     (channel_dynamic): a prefill split in two (a shared image prefix, then each question) would
     give it other ranges, so such a model is generated unshared."""
-    return any(isinstance(hook, ActivationQuantizer) and hook.spec.granularity == "channel_dynamic"
-               for module in model.modules() for hook in module._forward_pre_hooks.values())
+    return any(hook.spec.granularity == "channel_dynamic" for hook in activation_quantizers(model))
 
 
 def has_activation_quantizers(model: nn.Module) -> bool:
     """Whether any Linear of the model quantizes its inputs (a W-A config is applied)."""
-    return any(isinstance(hook, ActivationQuantizer)
-               for module in model.modules() for hook in module._forward_pre_hooks.values())
+    return any(True for _ in activation_quantizers(model))
 
 
 def attach(modules: Mapping[str, nn.Module], bits: int, specs: Mapping[str, ActivationQuant],
