@@ -258,3 +258,28 @@ def test_shared_image_side_scores_equal_the_per_pair_path(components, flickr_wor
     assert new.metrics == old.metrics and new.samples == old.samples
     assert set(new.details) == {"seconds_image_side", "seconds_itc", "seconds_itm_pairs", "itm_pairs"}
     assert new.details["itm_pairs"] == int(pairs.sum())
+
+
+def test_cross_attention_keys_and_values_run_once_per_image(flickr_world):
+    """In a pair batch the Q-Former's cross-attention key/value Linears see each image's rows
+    once, however many of its candidates the batch holds, and are back in place afterwards
+    (also when scoring fails)."""
+    from fixtures.adapters.blip2 import MIN_KV_GEMM_ROWS, Blip2RetrievalAdapter
+    adapter = Blip2RetrievalAdapter.load("r", TINY_RETRIEVAL, torch.device("cpu"), "float32")
+    data = flickr_world
+    features = fr._image_side(adapter, data, 8)
+    linears = [(layer.crossattention.attention, name) for layer in adapter.model.qformer.encoder.layer
+               if layer.has_cross_attention for name in ("key", "value")]
+    originals = [getattr(attention, name) for attention, name in linears]
+    rows_seen = []
+    hook = originals[0].register_forward_hook(lambda module, args, out: rows_seen.append(args[0].shape[0]))
+    image_idx = [3, 3, 3, 3, 5, 5, 5, 9, 9, 9]   # 10 pairs of 3 images
+    scores = adapter.itm_scores_from_features(features, image_idx, data.texts[:10])
+    hook.remove()
+    # 3 images (repeated up to the GEMM's minimum row count), not 10 pairs' rows.
+    repeats = -(-MIN_KV_GEMM_ROWS // (3 * features.shape[1]))
+    assert scores.shape == (10,) and rows_seen == [3 * repeats] and 3 * repeats < 10
+    assert [getattr(attention, name) for attention, name in linears] == originals
+    with pytest.raises(RuntimeError):
+        adapter.itm_scores_from_features(features, image_idx, data.texts[:9])   # 9 texts for 10 pairs
+    assert [getattr(attention, name) for attention, name in linears] == originals
