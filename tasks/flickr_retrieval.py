@@ -267,8 +267,10 @@ def _pair_batch_size(adapter: Any, features: torch.Tensor, data: RetrievalSet, i
 def _itm_from_features(adapter: Any, features: torch.Tensor, data: RetrievalSet, pairs: torch.Tensor,
                        batch_size: int, bar: tqdm, pair_batch_size: int | None = None) -> torch.Tensor:
     """The same scores as _itm, from the cached image rows: the listed pairs, in image-major
-    order, scored in batches that cross image boundaries (only the Q-Former and ITM head run)."""
-    itm = torch.full((len(data.images), len(data.texts)), float("nan"))
+    order, scored in batches that cross image boundaries (only the Q-Former and ITM head run).
+    The scores stay on the device until the end: no copy back per batch, so the host never
+    waits for a batch and tokenizes the next one while the GPU scores this one."""
+    itm = torch.full((len(data.images), len(data.texts)), float("nan"), device=features.device)
     image_idx, text_idx = pairs.nonzero(as_tuple=True)
     size = pair_batch_size or _pair_batch_size(adapter, features, data, image_idx, text_idx, batch_size)
     # Every batch holds exactly `size` pairs (the last one starts `size` before the end and
@@ -276,12 +278,13 @@ def _itm_from_features(adapter: Any, features: torch.Tensor, data: RetrievalSet,
     # ITM head differently in the last bit, so a small remainder batch would not give the
     # scores a full one does; on a GPU it also keeps one shape for the whole loop.
     starts = list(range(0, max(len(image_idx) - size, 0), size)) + [max(len(image_idx) - size, 0)]
+    on_device = image_idx.to(features.device), text_idx.to(features.device)
     for start in starts if len(image_idx) else []:
         images, texts = image_idx[start:start + size], text_idx[start:start + size]
         scores = adapter.itm_scores_from_features(features, images, [data.texts[t] for t in texts.tolist()])
-        itm[images, texts] = scores.float().cpu().reshape(-1)
+        itm[on_device[0][start:start + size], on_device[1][start:start + size]] = scores.float().reshape(-1)
     bar.update(len(data.images))
-    return itm
+    return itm.cpu()
 
 
 def _rerank(itc: torch.Tensor, itm: torch.Tensor, top: torch.Tensor) -> torch.Tensor:

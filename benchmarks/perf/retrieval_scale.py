@@ -86,6 +86,9 @@ def main() -> None:
     parser.add_argument("--pair-batch", type=int, help="ITM pairs per batch (default: the tree's choice)")
     parser.add_argument("--world", type=Path, default=Path("/tmp/vqb-retrieval-world"))
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--profile", type=int, default=0, metavar="IMAGES",
+                        help="after the timed run, profile one more evaluation of this many images and "
+                             "print the ops that took the most device time")
     args = parser.parse_args()
 
     # This checkout generates the world, then the measured tree is imported by its own names.
@@ -141,6 +144,26 @@ def main() -> None:
     print(json.dumps(row), flush=True)
     if args.out:
         args.out.write_text(json.dumps(row, indent=2) + "\n")
+    if args.profile:
+        profile(torch, flickr_retrieval, adapter, data, options, args.profile, device)
+
+
+def profile(torch, flickr_retrieval, adapter, data, options: dict, images: int, device) -> None:
+    """Where an evaluation's time goes: the wall, the device's busy time (the sum of its kernels)
+    and the ops with the most device time, from torch.profiler."""
+    from torch.profiler import ProfilerActivity
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    subset = flickr_retrieval.RetrievalSet(data.images[:images])
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        flickr_retrieval.evaluate(adapter, subset, **options)
+        _synchronize(torch, device)
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    sort = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    busy = sum(e.self_device_time_total for e in events) / 1e6 if device.type == "cuda" else float("nan")
+    print(f"profile of {images} images: wall {wall:.2f} s (profiled), device busy {busy:.2f} s", flush=True)
+    print(events.table(sort_by=sort, row_limit=25, max_name_column_width=70), flush=True)
 
 
 if __name__ == "__main__":
