@@ -201,6 +201,10 @@ def _run(args: argparse.Namespace) -> int:
         record = run_export(args)
         print(f"{args.out}: {record['config']} ({record['w_bits']}, {record['quantized_linears']} Linears packed), "
               f"{record['format']}")
+        if "real_cost" in record:
+            cost = record["real_cost"]
+            print(f"real cost on {args.device}: {cost['real_mem_mb']} MB loaded, {cost['real_tokens_per_s']} tokens/s "
+                  f"at batch {cost['batch']} ({cost['kernel']}); written to {args.run}")
         return EXIT_OK
     if args.command == "same":
         from reports.compare import same_values

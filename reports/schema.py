@@ -46,11 +46,15 @@ CSV_COLUMNS: tuple[str, ...] = (
     "data_source",  # the grid's `data:` of the task (embedded | DIR | hf:ID@REVISION)
     "sample_seed",  # the seed of the evaluated subset under a limit; "" for the whole split
     "subset",  # what a limited subset draws: "images" (each with all its questions) or "samples"
+    # The packed export on a real int4 kernel (`python -m reports export --real-cost`); blank
+    # where not measured (the suite itself scores fake-quantized weights):
+    "real_mem_mb",  # the loaded model's device memory
+    "real_tokens_per_s",  # greedy decode throughput at batch 1
 )
 
 # Columns added after the first release, with the value a file written before them means.
 OPTIONAL_COLUMNS: dict[str, str] = {"weights": "trained", "a_quant": "", "split": "", "data_source": "",
-                                    "sample_seed": "", "subset": ""}
+                                    "sample_seed": "", "subset": "", "real_mem_mb": "", "real_tokens_per_s": ""}
 RANDOM_INIT = "random-init"
 
 # "crashed": the xdist worker running the test died (the main process records it).

@@ -157,3 +157,26 @@ def _row(case):
                config=case.config.name, method=case.config.method.name, config_hash=case.config_hash,
                metric="accuracy", value="90.0", primary="true", status="passed")
     return row
+
+
+def test_cli_real_cost_fills_the_configs_rows_only(data, tmp_path, capsys):
+    """--real-cost loads the export on the int4 kernel (its CPU twin here) and writes the loaded
+    model's memory and decode tokens/s into that config's rows; other rows stay blank."""
+    from fixtures.runtime.grid import load_grid
+    from reports.csv_log import read_rows
+    grid = load_grid(Path("benchmarks/grids/default.yaml"))
+    case = next(c for c in grid.cases if c.config.name == "rtn-w4-language")
+    fp = next(c for c in grid.cases if c.config.name == "fp16" and c.model.name == "llava-tiny")
+    run = tmp_path / "run"
+    run.mkdir()
+    write_results([_row(case), _row(fp)], run / "results.csv")
+    args = ["export", str(run), case.config.name, "--out", str(tmp_path / "ckpt"), "--cache-dir", str(data.cache_dir),
+            "--real-cost"]
+    assert reports_main(args) == 0
+    assert "tokens/s at batch 1 (int4 tinygemm" in capsys.readouterr().out
+    rows = {row["config"]: row for row in read_rows(run / "results.csv")}
+    assert float(rows[case.config.name]["real_mem_mb"]) > 0 and float(rows[case.config.name]["real_tokens_per_s"]) > 0
+    assert rows["fp16"]["real_mem_mb"] == rows["fp16"]["real_tokens_per_s"] == ""
+    # The loaded model is smaller than the float32 one the suite measured: int4 codes, bf16 rest.
+    fp_mb = sum(t.numel() * t.element_size() for t in pool(data).fp(case.model).model.state_dict().values()) / 2**20
+    assert float(rows[case.config.name]["real_mem_mb"]) < fp_mb

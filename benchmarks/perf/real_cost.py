@@ -32,7 +32,6 @@ also needs, comes with transformers' dependencies; check with `pip show pydantic
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 import time
@@ -42,145 +41,10 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
+
+from fixtures.runtime.real_cost import KERNEL, decode_speed, load_packed, settle, tensor_mb  # noqa: E402
 
 METHODS = {"fp": None, "rtn": "rtn", "gptq": "gptq", "awq": "awq"}
-TILE_OPTIONS = (8, 4, 2)   # tinygemm's inner K tiles, largest first
-
-
-class Int4Linear(nn.Module):
-    """A W4 Linear with one scale and zero per group of consecutive columns, run by torch's
-    tinygemm kernel. tinygemm dequantizes (q - 8) x scale + zero, so the suite's grid
-    scale x (q - z) becomes zero = scale x (8 - z), rounded to bf16 with the scale."""
-
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.out_features, self.in_features = codes.shape
-        self.group = self.in_features // scale.shape[1]
-        if self.group not in (32, 64, 128, 256):
-            raise ValueError(f"tinygemm runs groups of 32, 64, 128 or 256 columns, not {self.group}")
-        tiles = next(t for t in TILE_OPTIONS if self.in_features % (t * 16) == 0)
-        self.cuda_kernel = codes.is_cuda
-        if self.cuda_kernel:
-            pairs = (codes[:, 0::2] << 4 | codes[:, 1::2]).to(torch.uint8)
-            packed = torch.ops.aten._convert_weight_to_int4pack(pairs.contiguous(), tiles)
-        else:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), tiles)
-        self.register_buffer("packed", packed)
-        scale = scale.float()
-        pairs = torch.stack([scale, scale * (8 - zero.float())], dim=-1)   # (out, groups, 2)
-        self.register_buffer("scales_and_zeros", pairs.transpose(0, 1).contiguous().to(torch.bfloat16))
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mm = torch.ops.aten._weight_int4pack_mm if self.cuda_kernel else torch.ops.aten._weight_int4pack_mm_for_cpu
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = mm(flat, self.packed, self.group, self.scales_and_zeros).to(x.dtype)
-        y = y.reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
-
-
-@torch.inference_mode()
-def kernel_error(linear: Int4Linear, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> float:
-    """The kernel's output against the checkpoint's dequantized weight on a seeded input, as a
-    fraction of the output's largest magnitude: a wrong packing or zero convention shows as
-    order 1, bf16 rounding (of the input, scales and zeros) as a few percent at most."""
-    x = torch.randn(8, linear.in_features, generator=torch.Generator().manual_seed(0)).to(codes.device)
-    columns = torch.arange(linear.in_features, device=codes.device) // linear.group
-    exact = x @ (scale.float()[:, columns] * (codes.float() - zero.float()[:, columns])).T
-    got = linear(x) - (0 if linear.bias is None else linear.bias.float())
-    return float((got - exact).abs().max() / exact.abs().max())
-
-
-def name_key(name: str) -> tuple[str, ...]:
-    """A module name with its parts sorted: transformers saves LLaVA's modules under their
-    original names (language_model.model.layers...), while configs and the loaded model use the
-    current ones (model.language_model.layers...), the same parts in another order."""
-    return tuple(sorted(name.split(".")))
-
-
-def packed_linears(checkpoint: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """{module name as saved: its weight_packed, weight_scale, weight_zero_point, weight_shape}."""
-    from safetensors.torch import load_file
-    found: dict[str, dict[str, torch.Tensor]] = {}
-    for shard in sorted(checkpoint.glob("*.safetensors")):
-        for key, tensor in load_file(shard).items():
-            module, _, part = key.rpartition(".")
-            if part.startswith("weight_"):
-                found.setdefault(module, {})[part] = tensor
-    return found
-
-
-def load_packed(checkpoint: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """The exported model with every packed Linear on the int4 kernel: the model is built from
-    its config without the quantization section (so transformers loads the other tensors as
-    they are), then each target Linear is replaced from the checkpoint's packed tensors."""
-    import transformers
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
-    config = transformers.AutoConfig.from_pretrained(checkpoint)
-    section = config.quantization_config
-    del config.quantization_config
-    model = getattr(transformers, config.architectures[0]).from_pretrained(checkpoint, config=config, dtype=dtype,
-                                                                         device_map=device)
-    saved = {name_key(name): tensors for name, tensors in packed_linears(checkpoint).items()}
-    errors = []
-    for group in section["config_groups"].values():
-        weights = group["weights"]
-        if weights["num_bits"] != 4:
-            raise ValueError(f"the int4 kernel runs 4-bit weights, the checkpoint has {weights['num_bits']}")
-        for name in group["targets"]:
-            tensors = saved[name_key(name)]
-            shape = torch.Size(tensors["weight_shape"].tolist())
-            scale = tensors["weight_scale"].to(device)
-            codes = unpack_from_int32(tensors["weight_packed"].to(device), 4, shape).to(torch.int32) + 8
-            zero = (unpack_from_int32(tensors["weight_zero_point"].to(device), 4, scale.shape, packed_dim=0)
-                    .to(torch.int32) + 8) if "weight_zero_point" in tensors else torch.full_like(scale, 8)
-            owner, _, child = name.rpartition(".")
-            old = model.get_submodule(name)
-            setattr(model.get_submodule(owner), child, Int4Linear(codes, scale, zero, old.bias))
-            errors.append(kernel_error(model.get_submodule(name), codes, scale, zero))
-    if max(errors) > 0.1:
-        raise RuntimeError(f"int4 kernel disagrees with the checkpoint's weights: relative error {max(errors):.3g}")
-    model.kernel_error = max(errors)
-    return model.eval()
-
-
-def tensor_mb(model: nn.Module) -> float:
-    tensors = list(model.parameters()) + [b for b in model.buffers() if b is not None]
-    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
-
-
-def settle(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-
-
-def timed_generate(model, ids: torch.Tensor, new_tokens: int, device: torch.device) -> float:
-    settle(device)
-    start = time.perf_counter()
-    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                   min_new_tokens=new_tokens, max_new_tokens=new_tokens, pad_token_id=0)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
-@torch.inference_mode()
-def decode_speed(model, batch: int, prompt_tokens: int, new_tokens: int, device: torch.device) -> dict:
-    vocab = model.config.get_text_config().vocab_size
-    generator = torch.Generator().manual_seed(batch)
-    ids = torch.randint(100, vocab, (batch, prompt_tokens), generator=generator).to(device)
-    timed_generate(model, ids, 2, device)   # warm-up: kernels, allocator, caches
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    prefill = timed_generate(model, ids, 1, device)
-    whole = timed_generate(model, ids, new_tokens, device)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
-    return {f"tokens_per_s_b{batch}": round(batch * (new_tokens - 1) / (whole - prefill), 1),
-            f"peak_mem_mb_b{batch}": round(peak, 1)}
 
 
 def calibration_batches(adapter, world: Path, samples: int) -> list[dict]:
@@ -278,7 +142,7 @@ def main() -> None:
         else:
             row = export_config(METHODS[method], args, device, dtype, args.checkpoints / method, world)
             model = load_packed(args.checkpoints / method, device, dtype)
-            row.update(kernel="int4 tinygemm (aten._weight_int4pack_mm)", kernel_rel_err=round(model.kernel_error, 5))
+            row.update(kernel=KERNEL, kernel_rel_err=round(model.kernel_error, 5))
         weights = "trained" if any(args.config.glob("*.safetensors")) else "random-init"
         row.update(architecture=str(args.config), weights=weights, device=str(device),
                    device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
