@@ -102,3 +102,20 @@ def test_a_cache_that_miscounts_its_prefill_falls_back_to_generates_own_filling(
                                 generation=replace(vqav2.GENERATION, share_image_prefix=shared, static_cache=True))
         assert [s["prediction"] for s in result.samples] == [s["prediction"] for s in plain.samples]
     assert len(asked) >= 3
+
+
+def test_a_cache_filled_under_compile_is_tagged_for_cuda_graphs(samples, monkeypatch):
+    """On a GPU the prefill is compiled, and transformers tags a static cache's tensors as fixed
+    addresses only when they are first filled outside torch.compile (without the tag inductor
+    skips CUDA graphs for the decode step). Filled as under compile, the held cache's keys,
+    values and fill counter are tagged all the same."""
+    import transformers.cache_utils
+    adapter = load_adapter("t", "llava", "fixtures/tiny/llava-tiny", torch.device("cpu"), "float32", ROOT)
+    monkeypatch.setattr(transformers.cache_utils, "is_torchdynamo_compiling", lambda: True)
+    vqav2.evaluate(adapter, samples[:4], batch_size=4, progress=False,
+                   generation=replace(vqav2.GENERATION, static_cache=True))
+    layers = static_decode._HELD[adapter.model].cache.layers
+    tensors = [getattr(layer, name) for layer in layers for name in ("keys", "values", "cumulative_length")]
+    assert len(tensors) == 3 * adapter.model.config.text_config.num_hidden_layers
+    assert all(getattr(t, "_dynamo_static_input_type", None) for t in tensors)
+    static_decode.release(adapter.model)
