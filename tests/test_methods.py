@@ -188,6 +188,18 @@ def test_each_test_records_the_runtime_phases_it_paid_for(bench, tmp_path):
     assert properties["phase.restore"] == second.phases["restore"]
 
 
+def test_the_fp_row_records_its_baseline_evaluations_peak_memory(bench, tmp_path, monkeypatch):
+    """The FP row is the baseline evaluation: its peak memory is that evaluation's (on a GPU the
+    peak is reset before each evaluation; the FP row used to read it after the reset, and so
+    recorded only the resident model), a quantized row its own evaluation's."""
+    session = Session(bench.data, ModelPool(torch.device("cpu"), tmp_path / "cache"), RunDir(tmp_path / "run"),
+                      torch.device("cpu"))
+    readings = iter([900.0, 5.0])   # the baseline's evaluation, then the RTN row's
+    monkeypatch.setattr(Session, "peak_mem_mb", lambda self: next(readings))
+    assert session.run(case_for(make_config("rtn-w3-language", "rtn", {"language": 3}))).peak_mem_mb == 5.0
+    assert session.run(case_for(make_config("fp16", "fp"))).peak_mem_mb == 900.0
+
+
 def test_one_host_snapshot_per_model_copies_each_component_once():
     """The pool's snapshot grows with the components configs quantize; restoring one config's
     components leaves the others alone."""
