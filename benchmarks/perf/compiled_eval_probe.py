@@ -10,6 +10,9 @@ next ones. Variants:
   suite_static   the same with Generation(static_cache=True) (fixtures/adapters/static_decode.py)
   suite_shared   the same with share_image_prefix=True
   suite_shared_static  both
+  suite_eager_small    the suite's eager path on the same samples in batches of --batch / 8: how
+                 many predictions a mere change of batch flips (bf16, and random weights' near-tied
+                 logits), the floor for the other variants' "same as eager"
   prefill_*      one prefill (use_cache=False, logits of the last token): eager SDPA, the same
                  batch without padding (what the mask costs), torch.compile of the model at a
                  fixed padded length, and FlexAttention
@@ -123,6 +126,15 @@ def main() -> None:
                                  ("suite_shared_static", replace(plain, share_image_prefix=True, static_cache=True))):
             if name in variants:
                 suite_all(name, generation)
+        if "suite_eager_small" in variants:
+            small, outputs = max(args.batch // 8, 1), []
+            timed_samples = samples[args.batch:(args.batches + 1) * args.batch]
+            for start in range(0, len(timed_samples), small):
+                chosen = timed_samples[start:start + small]
+                outputs += adapter.generate_encoded(adapter.encode(
+                    [s.image() for s in chosen], [adapter.short_answer_prompt(s.question) for s in chosen]), plain)
+            same = sum(a == b for a, b in zip(outputs, answers.get("suite_eager", outputs)))
+            report(work="suite_eager_small", batch=small, same_as_suite_eager=f"{same}/{len(outputs)}")
         if "eager" in variants:
             generate_all("eager")
         if "static" in variants:
