@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from fixtures.runtime.real_cost import KERNEL, decode_speed, load_packed, settle, tensor_mb  # noqa: E402
+from fixtures.runtime.real_cost import KERNEL, decode_speed, load_packed, loaded_mb, settle, tensor_mb  # noqa: E402
 
 METHODS = {"fp": None, "rtn": "rtn", "gptq": "gptq", "awq": "awq"}
 
@@ -93,9 +93,7 @@ def export_config(method: str, args, device, dtype, checkpoint: Path, world: Pat
 
 
 def measure(model, row: dict, args, device) -> dict:
-    settle(device)
-    row["real_mem_mb"] = round(torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda"
-                               else tensor_mb(model), 1)
+    row["real_mem_mb"] = round(loaded_mb(model, device), 1)
     row["tensor_mb"] = round(tensor_mb(model), 1)
     for batch in [int(b) for b in args.batches.split(",")]:
         row.update(decode_speed(model, batch, args.prompt_tokens, args.new_tokens, device))
