@@ -106,16 +106,17 @@ def main() -> None:
         graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]  # noqa: E731
         before = graphs()
         _, warm = timed(torch, lambda: adapter.generate_encoded(encoded[0], generation))
-        outputs, seconds = [], 0.0
+        outputs, seconds, each = [], 0.0, []
         for batch in encoded[1:]:
             out, spent = timed(torch, lambda: adapter.generate_encoded(batch, generation))
             seconds += spent
+            each.append(round(spent, 2))
             outputs += out
         answers[name] = outputs
         same = sum(a == b for a, b in zip(outputs, answers.get("suite_eager", outputs)))
         report(work=name, warmup_s=round(warm, 2), seconds=round(seconds, 3),
                samples_per_s=round(len(outputs) / seconds, 1), same_as_suite_eager=f"{same}/{len(outputs)}",
-               compiled_graphs=graphs() - before,
+               batch_seconds=each, compiled_graphs=graphs() - before,
                peak_gb=round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None)
 
     with torch.inference_mode():

@@ -88,6 +88,8 @@ def main() -> None:
     parser.add_argument("--parity", type=int, default=32, help="questions whose predictions are compared")
     parser.add_argument("--pool-config", default="llava-1.5-13b-hf")
     parser.add_argument("--pool-batch", type=int, default=32)
+    parser.add_argument("--pool-copy", default="no,yes",
+                        help="pool variants: no (in place, the suite's), yes (a deep copy per config)")
     parser.add_argument("--world", type=Path, default=Path("/tmp/vqb-perf-world"))
     parser.add_argument("--progress", action="store_true", help="the quantizers' progress bars (stderr)")
     parser.add_argument("--out", type=Path)
@@ -306,7 +308,7 @@ def pool_memory(args, torch, device, samples, report) -> None:
     path = args.pool_config if Path(args.pool_config).is_absolute() else f"fixtures/configs/{args.pool_config}"
     spec = ModelSpec("pool", "llava", path, "bfloat16" if device.type == "cuda" else "float32", random_init=True)
     case = Case(spec, make_config("rtn-w4g128-language", "rtn", {"language": 4}, group_size=128), TaskSpec("vqav2"))
-    for copy in (False, True):
+    for copy in [choice == "yes" for choice in args.pool_copy.split(",")]:
         pool = ModelPool(device, Path("/tmp/vqb-perf-cache"), copy=copy)
         with Clock(torch, device) as clock:
             fp = pool.fp(spec)
