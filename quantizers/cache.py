@@ -16,6 +16,7 @@ import os
 import re
 import tempfile
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -168,9 +169,17 @@ def _fsync_dir(directory: Path) -> None:
 
 
 class QuantCache:
-    def __init__(self, root: Path):
+    """write_behind: a built entry is copied to the host at once and written to disk by one
+    background thread, while the caller goes on (a 7B language model's entry is about 3.7 GB:
+    12-24 s of the H100 perf grid's configs went to writing it). The entry's lock is held from the
+    build until the write is done, so other processes still wait and load; this process's own
+    reads of the entry wait for its write. close() waits for every write."""
+
+    def __init__(self, root: Path, write_behind: bool = False):
         self.root = Path(root)
         self._locks: dict[Path, FileLock] = {}
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="quant-cache-write") if write_behind else None
+        self._pending: dict[str, Future] = {}
 
     def path(self, key: str) -> Path:
         if not re.fullmatch(r"[0-9a-f]{64}", key):  # keys become file names: only cache_key() output
@@ -186,13 +195,31 @@ class QuantCache:
         path = self.path(key)
         if path not in self._locks:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._locks[path] = FileLock(f"{path}.lock")  # waits as long as a build takes
+            # Not per thread: a write-behind build's lock is released by the writing thread.
+            self._locks[path] = FileLock(f"{path}.lock", thread_local=False)  # waits as long as a build takes
         return self._locks[path]
+
+    def _finish(self, key: str) -> None:
+        """Wait for this process's own write of key, if one is under way. A failed write loses
+        only the entry (the next run builds it again): warned about, never raised."""
+        future = self._pending.pop(key, None)
+        if future is not None:
+            try:
+                future.result()
+            except Exception as error:  # noqa: BLE001  (any failure to write costs only the entry)
+                warnings.warn(f"quantized-model cache: could not write {self.path(key)}: {error}", stacklevel=3)
+
+    def close(self) -> None:
+        """Wait for every write behind (the session's end: a worker process may exit without
+        running interpreter exit hooks)."""
+        for key in list(self._pending):
+            self._finish(key)
 
     def load(self, key: str) -> QuantEntry | None:
         """The entry, or None on a miss. An entry that fails verification is warned about, deleted
         and reported as a miss: it is never used, and the next get_or_build rebuilds it."""
         path = self.path(key)
+        self._finish(key)
         with self._lock(key):  # a reader never sees a save half-way between its two renames
             if not path.exists():
                 return None
@@ -216,11 +243,18 @@ class QuantCache:
         return _decode(safetensors.torch.load(data), record["meta"])
 
     def save(self, key: str, entry: QuantEntry) -> None:
+        self._write(key, *self._host_copy(key, entry))
+
+    @staticmethod
+    def _host_copy(key: str, entry: QuantEntry) -> tuple[dict[str, torch.Tensor], str]:
+        """What a write needs, on the host and checked: the tensors and the metadata record."""
+        return _encode(entry), json.dumps({"format": FORMAT_VERSION, "key": key, "meta": entry.meta})
+
+    def _write(self, key: str, tensors: dict[str, torch.Tensor], record: str) -> None:
         """Both files go to fsynced temp files first; then the data replaces, and the sidecar last.
         A crash at any point leaves the old entry, or data whose sidecar is missing or stale, which
         load() rejects: never an entry that verifies but is incomplete."""
-        record = json.dumps({"format": FORMAT_VERSION, "key": key, "meta": entry.meta})
-        data = safetensors.torch.save(_encode(entry), {META_FIELD: record})
+        data = safetensors.torch.save(tensors, {META_FIELD: record})
         path, sidecar = self.path(key), self.sidecar(key)
         with self._lock(key):
             temps = [_write_temp(path, data)]
@@ -236,14 +270,32 @@ class QuantCache:
     def get_or_build(self, key: str, build: Callable[[], QuantEntry]) -> tuple[QuantEntry, bool]:
         """(entry, built). Under the entry's lock: load, or build and save. A process asking for the
         same key meanwhile waits on the lock and then loads, so each entry is built once."""
-        with self._lock(key):
+        self._finish(key)
+        lock = self._lock(key)
+        lock.acquire()
+        handed_over = False
+        try:
             entry = self.load(key)
             if entry is not None:
                 return entry, False
             entry = build()
-            self.save(key, entry)
+            if self._writer is None:
+                self.save(key, entry)
+            else:   # the lock goes with the write: released when the entry is on disk
+                self._pending[key] = self._writer.submit(self._write_and_release, key, lock,
+                                                         *self._host_copy(key, entry))
+                handed_over = True
+        finally:
+            if not handed_over:
+                lock.release()
         # Hand back meta as a later load returns it (JSON turns tuples into lists), like the waiters.
         return replace(entry, meta=json.loads(json.dumps(entry.meta))), True
+
+    def _write_and_release(self, key: str, lock: FileLock, tensors: dict[str, torch.Tensor], record: str) -> None:
+        try:
+            self._write(key, tensors, record)
+        finally:
+            lock.release()
 
 
 def _resolve(params: dict[str, nn.Parameter], name: str, shape, dtype=None) -> nn.Parameter:

@@ -5,6 +5,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -134,22 +135,28 @@ def test_damaged_entry_is_discarded_and_rebuilt_once(tmp_path, damage):
     assert cache.get_or_build(KEY, lambda: calls.append(1))[1] is False and calls == [1]
 
 
-def _build_in_child(root: str, counter: str, barrier, results) -> None:
+def _build_in_child(root: str, counter: str, barrier, results, write_behind: bool) -> None:
     def build() -> QuantEntry:
         time.sleep(1.0)  # long enough that the other process reaches the lock meanwhile
         with open(counter, "a") as file:
             file.write(f"{os.getpid()}\n")
         return quantize_in_place(make_model())
     barrier.wait()  # both processes call get_or_build at the same moment
-    entry, built = QuantCache(Path(root)).get_or_build(KEY, build)
+    cache = QuantCache(Path(root), write_behind)
+    entry, built = cache.get_or_build(KEY, build)
+    cache.close()
     results.put((built, entry_digest(entry)))
 
 
-def test_concurrent_processes_build_once(tmp_path):
+@pytest.mark.parametrize("write_behind", [False, True])
+def test_concurrent_processes_build_once(tmp_path, write_behind):
+    """Written behind, the entry's lock goes to the writing thread: the other process still waits
+    and loads."""
     context = multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(2), context.Queue()
     counter = tmp_path / "builds.txt"
-    workers = [context.Process(target=_build_in_child, args=(str(tmp_path), str(counter), barrier, results))
+    workers = [context.Process(target=_build_in_child,
+                               args=(str(tmp_path), str(counter), barrier, results, write_behind))
                for _ in range(2)]
     for worker in workers:
         worker.start()
@@ -194,3 +201,37 @@ def test_apply_entry_rejects_a_mismatched_entry_without_touching_the_model(tmp_p
     with pytest.raises(ValueError, match="1.weight"):
         apply_entry(model, QuantEntry(weights=entry.weights, raw={"1.weight": torch.ones(16)}))
     assert model_fingerprint(model) == before
+
+
+def test_written_behind_the_files_are_the_same_and_readers_wait_for_them(tmp_path, monkeypatch):
+    """get_or_build hands back the entry before it is on disk; a reader elsewhere waits for the
+    write and loads it; the files are byte for byte those of a plain save."""
+    plain, _ = saved(tmp_path / "plain")
+    gate, real_write = threading.Event(), QuantCache._write
+    monkeypatch.setattr(QuantCache, "_write", lambda *args: gate.wait(30) and real_write(*args))
+    behind = QuantCache(tmp_path / "behind", write_behind=True)
+    entry, built = behind.get_or_build(KEY, lambda: quantize_in_place(make_model()))
+    assert built and not behind.path(KEY).exists(), "handed back before the write"
+    loaded = []
+    reader = threading.Thread(target=lambda: loaded.append(QuantCache(tmp_path / "behind").load(KEY)))
+    reader.start()
+    reader.join(0.5)
+    assert reader.is_alive(), "a reader waits on the entry's lock while it is written"
+    gate.set()
+    reader.join(30)
+    behind.close()
+    assert loaded[0] is not None and entry_digest(loaded[0]) == entry_digest(entry)
+    for file in (plain.path(KEY), plain.sidecar(KEY)):
+        assert file.read_bytes() == (behind.root / file.relative_to(plain.root)).read_bytes()
+
+
+def test_a_failed_write_behind_warns_and_loses_only_the_entry(tmp_path, monkeypatch):
+    def fail(*args):
+        raise OSError("No space left on device")
+    monkeypatch.setattr(QuantCache, "_write", fail)
+    cache = QuantCache(tmp_path, write_behind=True)
+    entry, built = cache.get_or_build(KEY, lambda: quantize_in_place(make_model()))
+    assert built and entry.weights
+    with pytest.warns(UserWarning, match="could not write .*No space left"):
+        cache.close()
+    assert cache.load(KEY) is None, "nothing half-written; the lock was given back"

@@ -1,0 +1,77 @@
+"""What writing a quantized-model cache entry costs the run, written in place and written behind
+(quantizers/cache.py, write_behind). A script, not a test.
+
+    python benchmarks/perf/cache_write.py                     # 4 Llama-7B decoder layers, cpu
+    python benchmarks/perf/cache_write.py --layers 32 --device cuda   # the whole 7B language model
+
+The entry is what GPTQ/AWQ of --layers Llama-7B decoder layers hands the cache at W4 g128
+(4-bit codes, float32 scales and zeros, the column-to-group map), its tensors on --device as a
+quantizer leaves them. For each mode: "run waits" is the time get_or_build takes to hand the
+entry back (what a config's cache_write phase costs the run), "until on disk" the time until
+close() returns (every byte written and fsynced). Best of --repeat, each in a fresh directory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from quantizers.cache import QuantCache, QuantEntry, cache_key  # noqa: E402
+from quantizers.primitives import QuantizedTensor, plain_group_index  # noqa: E402
+
+LLAMA_7B_LAYER = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
+                  "gate_proj": (11008, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}
+
+
+def w4_entry(layers: int, device: torch.device, group_size: int = 128) -> QuantEntry:
+    generator = torch.Generator(device=device).manual_seed(0)
+    entry = QuantEntry(meta={"method": "synthetic W4 g128"})
+    for layer in range(layers):
+        for name, (rows, cols) in LLAMA_7B_LAYER.items():
+            groups = cols // group_size
+            entry.weights[f"model.layers.{layer}.{name}.weight"] = QuantizedTensor(
+                torch.randint(0, 16, (rows, cols), dtype=torch.uint8, device=device, generator=generator),
+                torch.rand(rows, groups, device=device, generator=generator),
+                torch.randint(0, 16, (rows, groups), device=device, generator=generator).float(),
+                plain_group_index(cols, group_size).to(device))
+    return entry
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()), help="where the entries go")
+    args = parser.parse_args()
+    entry = w4_entry(args.layers, torch.device(args.device))
+    for write_behind in (False, True):
+        waits, totals = [], []
+        for attempt in range(args.repeat):
+            root = Path(tempfile.mkdtemp(dir=args.dir, prefix="cache-write-"))
+            try:
+                cache = QuantCache(root, write_behind=write_behind)
+                started = time.perf_counter()
+                cache.get_or_build(cache_key("cache_write.py", attempt), lambda: entry)
+                waits.append(time.perf_counter() - started)
+                cache.close()
+                totals.append(time.perf_counter() - started)
+                size = sum(file.stat().st_size for file in root.rglob("*.safetensors"))
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
+        print(json.dumps({"write_behind": write_behind, "layers": args.layers, "device": args.device,
+                          "entry_gb": round(size / 1e9, 3), "run_waits_s": round(min(waits), 2),
+                          "until_on_disk_s": round(min(totals), 2)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
