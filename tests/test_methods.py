@@ -200,18 +200,21 @@ def test_the_fp_row_records_its_baseline_evaluations_peak_memory(bench, tmp_path
     assert session.run(case_for(make_config("fp16", "fp"))).peak_mem_mb == 900.0
 
 
-def test_one_host_snapshot_per_model_copies_each_component_once():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device here: the pinned-memory snapshot runs on a GPU only"))])
+def test_one_host_snapshot_per_model_copies_each_component_once(device):
     """The pool's snapshot grows with the components configs quantize; restoring one config's
-    components leaves the others alone."""
+    components leaves the others alone (on a GPU: from pinned host copies)."""
     from torch import nn
 
     from fixtures.runtime.models import HostSnapshot
-    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)).to(device)
     fp = {name: p.detach().clone() for name, p in model.named_parameters()}
     snapshot = HostSnapshot(model, ["0"])
     held = dict(snapshot.params)
     snapshot.add(model, ["0", "1"])
     assert sorted(snapshot.params) == sorted(fp) and all(snapshot.params[n] is t for n, t in held.items())
+    assert all(t.device.type == "cpu" and t.is_pinned() == (device == "cuda") for t in snapshot.params.values())
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
