@@ -32,9 +32,10 @@ class Generation:
     # Batches of prompts of similar token length (tasks.base.generate_replies): less padding to
     # prefill where prompts vary (ScienceQA's hints); off by default, as it regroups the batches.
     length_buckets: bool = False
-    # Greedy decoding with a static KV cache at prompt lengths padded to a multiple of 64, so the
-    # decode step compiles into CUDA graphs reused across batches (fixtures/adapters/static_decode.py);
-    # families that generate with a decoder-only language model, not with activation quantizers.
+    # Decoding (greedy or beams) with a static KV cache at prompt lengths padded to a multiple of
+    # 64, so the decode step compiles into CUDA graphs reused across batches
+    # (fixtures/adapters/static_decode.py); families that generate with a decoder-only language
+    # model, not with activation quantizers.
     static_cache: bool = False
 
     def merged(self, overrides: Mapping[str, Any]) -> "Generation":

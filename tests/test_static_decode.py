@@ -33,24 +33,27 @@ def test_prompts_are_left_padded_to_the_multiple():
     assert LENGTH_MULTIPLE % 8 == 0
 
 
+@pytest.mark.parametrize("beams", [1, 3])
 @pytest.mark.parametrize("family,path", [("llava", "fixtures/tiny/llava-tiny"), ("blip2", "fixtures/tiny/blip2-tiny")])
-def test_static_cache_gives_generates_predictions(samples, family, path, monkeypatch):
+def test_static_cache_gives_generates_predictions(samples, family, path, beams, monkeypatch):
     adapter = load_adapter("t", family, path, torch.device("cpu"), "float32", ROOT)
     calls = []
     real = base.generate_static
     monkeypatch.setattr(base, "generate_static", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     # 30 samples at batch 16: a full batch and a shorter tail, both padded to the same length.
-    plain = vqav2.evaluate(adapter, samples, batch_size=16, progress=False)
+    decoding = replace(vqav2.GENERATION, num_beams=beams)
+    plain = vqav2.evaluate(adapter, samples, batch_size=16, progress=False, generation=decoding)
     static = vqav2.evaluate(adapter, samples, batch_size=16, progress=False,
-                            generation=replace(vqav2.GENERATION, static_cache=True))
+                            generation=replace(decoding, static_cache=True))
     assert [s["prediction"] for s in static.samples] == [s["prediction"] for s in plain.samples]
     assert static.metrics == plain.metrics
-    assert len(calls) == 2, "both batches took the static path"
-    # LLaVA's prompt is prefilled into the held static cache by the path's own (on a GPU,
-    # compiled) forward; BLIP-2's generate builds its language model's inputs itself.
+    assert [kw["num_beams"] for kw in calls] == [beams] * 2, "both batches took the static path"
+    # Greedy, LLaVA's prompt is prefilled into the held static cache by the path's own (on a GPU,
+    # compiled) forward; BLIP-2's generate builds its language model's inputs itself, and beam
+    # search leaves the prefill to generate (it widens the cache rows to the beams).
     assert [kw["own_prefill"] for kw in calls] == [family == "llava"] * 2
     held = static_decode._HELD.get(adapter.model)
-    assert (held is not None and held.cache is not None) == (family == "llava")
+    assert (held is not None and held.cache is not None) == (family == "llava" and beams == 1)
     static_decode.release(adapter.model)
     assert held is None or held.cache is None
 
