@@ -210,8 +210,9 @@ class QuantCache:
                 warnings.warn(f"quantized-model cache: could not write {self.path(key)}: {error}", stacklevel=3)
 
     def close(self) -> None:
-        """Wait for every write behind (the session's end: a worker process may exit without
-        running interpreter exit hooks)."""
+        """Wait for every write behind. (The executor's own exit hook would wait too; the
+        session calls this at its end, where stop signals are held, so a second Ctrl-C cannot
+        cut the wait short.)"""
         for key in list(self._pending):
             self._finish(key)
 

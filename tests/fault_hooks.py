@@ -20,6 +20,9 @@ recorded (after the call), as a crash in a real evaluation would land:
                                     at the first line it reads from the child. With
                                     VQB_FAULT_SIGNAL_LOG=<file>, it writes there the time it sent
                                     the signal and the Java child's pid, as JSON
+    VQB_FAULT_SLOW_CACHE_WRITE=<s>  every quantized-model cache write waits <s> seconds first (a
+                                    slow disk: the entry is still being written behind the run
+                                    when its test ends)
 
 Why a hold: pytest-xdist 3.8.0 gives a worker that joins after the start one unit of work from
 what is left, and none when the other workers emptied the queue while it was starting (the
@@ -65,6 +68,20 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[HOLD_FLAG] = Path(tempfile.mkdtemp(prefix="vqb-fault-")) / "replacement-joined"
     if os.environ.get("VQB_FAULT_SIGNAL_IN_METEOR"):
         _signal_in_meteor(getattr(signal, "SIG" + os.environ["VQB_FAULT_SIGNAL_IN_METEOR"]))
+    if os.environ.get("VQB_FAULT_SLOW_CACHE_WRITE"):
+        _slow_cache_writes(float(os.environ["VQB_FAULT_SLOW_CACHE_WRITE"]))
+
+
+def _slow_cache_writes(seconds: float) -> None:
+    from quantizers.cache import QuantCache
+
+    original_write = QuantCache._write
+
+    def write(self, *args):
+        time.sleep(seconds)
+        original_write(self, *args)
+
+    QuantCache._write = write
 
 
 class _SignallingPipe:

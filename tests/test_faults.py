@@ -297,3 +297,27 @@ def test_a_test_cut_between_its_rows_is_not_passed_and_not_merged(tmp_path):
     merged = run.merge()
     assert [row["task"] for row in read_rows(tmp_path / "results.csv")] == ["vqav2"]
     assert any(coco in problem and "not its primary one" in problem for problem in merged.problems), merged.problems
+
+
+def test_cache_entries_written_behind_are_whole_on_disk_when_a_run_ends(tmp_path):
+    """Entries are written behind the run (quantizers/cache.py): on a slow disk the write is still
+    under way when its test ends. A run stopped by SIGTERM in that test, and a run over two
+    workers, leave every entry they built on disk, whole (each loads and passes its checksum)."""
+    from quantizers.cache import QuantCache
+
+    cache = tmp_path / "cache"
+    grid = ("-m", "gptq and vqav2 and llava-tiny", "--limit", "20", f"--cache-dir={cache}")
+
+    def entries() -> list:
+        keys = sorted(path.stem for path in (cache / "quantized").rglob("*.safetensors"))
+        return [QuantCache(cache).load(key) for key in keys]
+
+    out = run_bench(*grid, "-k", "gptq-w4-all", f"--report-dir={tmp_path / 'stopped'}",
+                    VQB_FAULT_SLOW_CACHE_WRITE="3", VQB_FAULT_SIGNAL_AT="TERM:gptq-w4-all]")
+    assert out.returncode == 2, output(out)
+    first = entries()
+    assert len(first) == 1 and first[0] is not None, output(out)
+    out = run_bench(*grid, "-n", "2", f"--report-dir={tmp_path / 'workers'}", VQB_FAULT_SLOW_CACHE_WRITE="3")
+    assert out.returncode == 0, output(out)
+    every = entries()
+    assert len(every) == 3 and all(entry is not None for entry in every), output(out)
