@@ -10,7 +10,8 @@ next ones. Variants:
   suite_static   the same with Generation(static_cache=True) (fixtures/adapters/static_decode.py)
   suite_shared   the same with share_image_prefix=True
   suite_shared_static  both
-  suite_eager_small    the suite's eager path on the same samples in batches of --batch / 8: how
+  suite_eager_small    the suite's eager path on the same samples in batches of --small-batch
+                 (default 1: issue 23's batch-vs-batch-1 agreement; the H100 runs to 848f78b used 8): how
                  many predictions a mere change of batch flips (bf16, and random weights' near-tied
                  logits), the floor for the other variants' "same as eager"
   prefill_*      one prefill (use_cache=False, logits of the last token): eager SDPA, the same
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--batches", type=int, default=4, help="timed batches after the warm-up one")
     parser.add_argument("--new-tokens", type=int, default=10)
+    parser.add_argument("--small-batch", type=int, default=1, help="suite_eager_small's batch size")
     parser.add_argument("--config", default="fixtures/configs/llava-1.5-7b-hf")
     parser.add_argument("--device", default="cuda", help="cpu: try the probe on --config fixtures/tiny/llava-tiny")
     parser.add_argument("--world", type=Path, default=Path("/tmp/vqb-perf-world"))
@@ -128,7 +130,7 @@ def main() -> None:
             if name in variants:
                 suite_all(name, generation)
         if "suite_eager_small" in variants:
-            small, outputs = max(args.batch // 8, 1), []
+            small, outputs = args.small_batch, []
             timed_samples = samples[args.batch:(args.batches + 1) * args.batch]
             for start in range(0, len(timed_samples), small):
                 chosen = timed_samples[start:start + small]
