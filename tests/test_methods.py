@@ -95,6 +95,23 @@ def test_calibration_never_comes_from_the_evaluated_split(bench):
         bench.data.calibration_batches(case, bench.models.fp(MODEL))
 
 
+def test_calibration_batches_are_made_once_for_a_models_configs(bench):
+    """Configs of one model with one calibration spec get the same batches, made once; another
+    spec, or another adapter's processor, gets its own; and they are what a fresh make gives."""
+    adapter = bench.models.fp(MODEL)
+    gptq = case_for(make_config("gptq-w4", "gptq", {"language": 4}))
+    awq = case_for(make_config("awq-w3", "awq", {"language": 3}))
+    first = bench.data.calibration_batches(gptq, adapter)
+    assert bench.data.calibration_batches(awq, adapter) is first
+    other_seed = case_for(gptq.config, CalibrationSpec(samples=16, batch_size=8, seed=1))
+    assert bench.data.calibration_batches(other_seed, adapter) is not first
+    fresh = bench.data.calibration_batches(gptq, copy.deepcopy(adapter))
+    assert fresh is not first and len(fresh) == len(first)
+    for made, again in zip(fresh, first):
+        assert made.keys() == again.keys() and all(torch.equal(made[k], again[k]) for k in made)
+        assert torch.equal(made.answer_mask, again.answer_mask)
+
+
 @pytest.mark.parametrize("layers, layer_types, expected", [
     ("first", "both", {"layers.0.self_attn", "layers.0.mlp"}),
     ("middle", "both", {"layers.1.self_attn", "layers.1.mlp"}),
