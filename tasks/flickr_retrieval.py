@@ -278,11 +278,11 @@ def _itm_from_features(adapter: Any, features: torch.Tensor, data: RetrievalSet,
     # ITM head differently in the last bit, so a small remainder batch would not give the
     # scores a full one does; on a GPU it also keeps one shape for the whole loop.
     starts = list(range(0, max(len(image_idx) - size, 0), size)) + [max(len(image_idx) - size, 0)]
-    on_device = image_idx.to(features.device), text_idx.to(features.device)
+    rows_on_device, columns_on_device = image_idx.to(features.device), text_idx.to(features.device)
     for start in starts if len(image_idx) else []:
         images, texts = image_idx[start:start + size], text_idx[start:start + size]
         scores = adapter.itm_scores_from_features(features, images, [data.texts[t] for t in texts.tolist()])
-        itm[on_device[0][start:start + size], on_device[1][start:start + size]] = scores.float().reshape(-1)
+        itm[rows_on_device[start:start + size], columns_on_device[start:start + size]] = scores.float().reshape(-1)
     bar.update(len(data.images))
     return itm.cpu()
 

@@ -6,8 +6,8 @@ baseline, host snapshot, restore, calibration data, cache write...). "other" is 
 them covers: the per-config overhead the issue asks to keep under 5 s. The FP row's evaluation
 is the baseline's, already inside its `phase.fp_baseline`, so it is not counted twice; a
 config's quant_seconds (on each of its rows) counts only in the first test of that model and
-config, the one that quantized (the others reuse the model). The summary line gives the suite's wall and its part outside every testcase (collection, session
-start, the final merge).
+config, the one that quantized (the others reuse the model). The summary line gives the suite's
+wall and its part outside every testcase (collection, session start, the final merge).
 
     python benchmarks/perf/phase_table.py REPORT_DIR/junit.xml
     # issue 23's LLaVA part of the perf grid (9 configs), on a GPU:
@@ -27,7 +27,8 @@ def rows(junit: str) -> tuple[list[dict], float]:
     found, quantized = [], set()
     for case in suite.iter("testcase"):
         props = {p.get("name"): p.get("value") for p in case.iter("property")}
-        phases = {name.removeprefix("phase."): float(value) for name, value in props.items() if name.startswith("phase.")}
+        phases = {name.removeprefix("phase."): float(value)
+                  for name, value in props.items() if name.startswith("phase.")}
         quant, evaluation = float(props.get("quant_seconds", 0)), float(props.get("eval_seconds", 0))
         is_fp = json.loads(props.get("config.method", '""')) == "fp"
         wall = float(case.get("time", 0))
@@ -48,7 +49,8 @@ def markdown(found: list[dict], suite_seconds: float) -> str:
                  row["other"]]
         lines.append("| " + " | ".join(f"{c:.1f}" if isinstance(c, float) else str(c) for c in cells) + " |")
     tests = sum(row["wall"] for row in found)
-    lines.append(f"\nsuite wall {suite_seconds:.1f} s; testcases {tests:.1f} s; outside them {suite_seconds - tests:.1f} s")
+    lines.append(f"\nsuite wall {suite_seconds:.1f} s; testcases {tests:.1f} s; "
+                 f"outside them {suite_seconds - tests:.1f} s")
     return "\n".join(lines)
 
 
