@@ -12,6 +12,7 @@ from quantizers import api
 from quantizers.cache import QuantCache, cache_key
 from quantizers.config import ConfigError, make_config
 from quantizers.methods import all_methods
+from fixtures.runtime.data import DataStore
 from fixtures.runtime.models import ModelPool
 from fixtures.runtime.session import Session
 from reports.rundir import RunDir
@@ -196,13 +197,28 @@ def test_each_test_records_the_runtime_phases_it_paid_for(bench, tmp_path):
     first = session.run(case_for(make_config("gptq-w4-language", "gptq", {"language": 4})))
     second = session.run(case_for(make_config("rtn-w3-language", "rtn", {"language": 3})))
 
-    assert {"model_build", "fp_baseline"} <= set(fp.phases) and fp.eval_seconds > 0
+    assert {"model_build", "data", "fp_baseline"} <= set(fp.phases) and fp.eval_seconds > 0
     assert {"snapshot", "calibration_data", "fingerprint", "cache_write"} <= set(first.phases)
     assert "model_build" not in first.phases and "calibration_data" not in second.phases   # RTN: none
     assert "restore" in second.phases and "fp_baseline" not in second.phases
     assert all(seconds >= 0 for o in (fp, first, second) for seconds in o.phases.values())
     properties = dict(session.properties(second))
     assert properties["phase.restore"] == second.phases["restore"]
+
+
+def test_the_fp_evaluations_seconds_exclude_loading_its_samples(bench, tmp_path, monkeypatch):
+    """Loading a task's samples (on first use, generating the embedded world: about 10 s of the
+    H100 grid's FP row) is the `data` phase's, not the FP evaluation's: the samples are loaded
+    before its clock starts."""
+    session = Session(DataStore(bench.data.data_root, bench.data.cache_dir, bench.data.limit,
+                                world_layout=bench.data.world_layout),
+                      ModelPool(torch.device("cpu"), tmp_path / "cache"), RunDir(tmp_path / "run"), torch.device("cpu"))
+    events = []
+    load, evaluate = session.data.load, session.evaluate
+    monkeypatch.setattr(session.data, "load", lambda spec: events.append("load") or load(spec))
+    monkeypatch.setattr(session, "evaluate", lambda *a, **k: events.append("evaluate") or evaluate(*a, **k))
+    fp = session.run(case_for(make_config("fp16", "fp")))
+    assert events == ["load", "evaluate"] and fp.phases["data"] >= 0
 
 
 def test_the_fp_row_records_its_baseline_evaluations_peak_memory(bench, tmp_path, monkeypatch):

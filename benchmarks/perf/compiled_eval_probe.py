@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--config", default="fixtures/configs/llava-1.5-7b-hf")
     parser.add_argument("--device", default="cuda", help="cpu: try the probe on --config fixtures/tiny/llava-tiny")
     parser.add_argument("--world", type=Path, default=Path("/tmp/vqb-perf-world"))
+    parser.add_argument("--profile", default="", help="suite_* variants to profile over one more batch (comma list)")
+    parser.add_argument("--profile-dir", type=Path, default=Path("."), help="where the profiles' tables go")
     args = parser.parse_args()
 
     import torch
@@ -120,6 +122,25 @@ def main() -> None:
                samples_per_s=round(len(outputs) / seconds, 1), same_as_suite_eager=f"{same}/{len(outputs)}",
                batch_seconds=each, compiled_graphs=graphs() - before,
                peak_gb=round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None)
+        if name in args.profile.split(","):
+            profile_batch(name, lambda: adapter.generate_encoded(encoded[1], generation))
+
+    def profile_batch(name, work):
+        """One batch under torch.profiler: the device's busy time beside the wall (what is left to
+        the host: launches, Python, synchronizations) and the operators that take the device."""
+        from torch.profiler import ProfilerActivity, profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            _, wall = timed(torch, work)
+        events = prof.key_averages()
+        busy = sum(e.self_device_time_total for e in events) / 1e6 if device.type == "cuda" else None
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        table = events.table(sort_by=sort, row_limit=30)
+        path = args.profile_dir / f"profile-{name}.txt"
+        path.write_text(table)
+        report(work=f"profile_{name}", wall_s=round(wall, 3), device_busy_s=round(busy, 3) if busy else None,
+               kernels=sum(e.count for e in events if e.device_type.name == "CUDA") if busy else None,
+               table=str(path))
 
     with torch.inference_mode():
         from tasks.requests import Generation
