@@ -39,3 +39,18 @@ def test_folders_written_in_parallel_are_the_files_written_one_after_the_other(t
     files = lambda root: {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}  # noqa: E731
     parallel, serial = files(tmp_path / "parallel"), files(tmp_path / "serial")
     assert len(parallel) > 10 and parallel == serial
+
+
+def test_a_folder_is_generated_when_first_needed_and_equals_the_whole_worlds(tmp_path):
+    layout = {"vqav2": {"train": 3, "val": 4}, "flickr30k": {"test": 3}, "scienceqa": {"train": 4}}
+    root = ensure_world(tmp_path / "lazy", 0, layout, folders=["vqav2"])
+    assert {p.name for p in root.iterdir()} == {"vqav2", "scenes", "WORLD.json"}
+    questions = root / "vqav2" / "v2_OpenEnded_mscoco_val2014_questions.json"
+    stamp = questions.stat().st_mtime_ns
+    ensure_world(root, 0, layout, folders=["flickr30k"])
+    assert questions.stat().st_mtime_ns == stamp and (root / "flickr30k").is_dir()
+    assert "scienceqa" not in read_manifest(root)
+    ensure_world(root, 0, layout)   # the rest
+    whole = ensure_world(tmp_path / "whole", 0, layout)
+    files = lambda r: {p.relative_to(r): p.read_bytes() for p in sorted(r.rglob("*")) if p.is_file()}  # noqa: E731
+    assert files(root) == files(whole)
