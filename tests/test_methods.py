@@ -233,25 +233,40 @@ def test_the_fp_row_records_its_baseline_evaluations_peak_memory(bench, tmp_path
     assert session.run(case_for(make_config("fp16", "fp"))).peak_mem_mb == 900.0
 
 
+@pytest.mark.parametrize("on_device_if_fits", [False, True])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA device here: the pinned-memory snapshot runs on a GPU only"))])
-def test_one_host_snapshot_per_model_copies_each_component_once(device):
+    not torch.cuda.is_available(), reason="no CUDA device here: pinned and on-device snapshots run on a GPU only"))])
+def test_one_snapshot_per_model_copies_each_component_once(device, on_device_if_fits):
     """The pool's snapshot grows with the components configs quantize; restoring one config's
-    components leaves the others alone (on a GPU: from pinned host copies)."""
+    components leaves the others alone (on a GPU: from pinned host copies, or from device copies
+    where the card keeps room)."""
     from torch import nn
 
-    from fixtures.runtime.models import HostSnapshot
+    from fixtures.runtime.models import FPSnapshot
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)).to(device)
     fp = {name: p.detach().clone() for name, p in model.named_parameters()}
-    snapshot = HostSnapshot(model, ["0"])
+    snapshot = FPSnapshot(model, ["0"], on_device_if_fits)
     held = dict(snapshot.params)
     snapshot.add(model, ["0", "1"])
     assert sorted(snapshot.params) == sorted(fp) and all(snapshot.params[n] is t for n, t in held.items())
-    assert all(t.device.type == "cpu" and t.is_pinned() == (device == "cuda") for t in snapshot.params.values())
+    on_device = device == "cuda" and on_device_if_fits
+    assert all(t.device.type == ("cuda" if on_device else "cpu") for t in snapshot.params.values())
+    assert all(t.is_pinned() == (device == "cuda") for t in snapshot.params.values() if not on_device)
+    assert snapshot.device_bytes == (sum(t.numel() * 4 for t in fp.values()) if on_device else 0)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
     snapshot.restore(model, ["1"])
     assert torch.equal(model[1].weight, fp["1.weight"]) and torch.equal(model[0].weight, fp["0.weight"] + 1)
+    snapshot.to_host()
+    assert snapshot.device_bytes == 0
     snapshot.restore(model)
     assert all(torch.equal(p, fp[n]) for n, p in model.named_parameters())
+
+
+def test_a_snapshot_stays_on_the_device_only_where_half_the_card_stays_free():
+    from fixtures.runtime.models import snapshot_fits_device
+    gb = 2**30
+    assert snapshot_fits_device(14 * gb, free=64 * gb, total=80 * gb)       # 7B on an H100: 50 GB stay free
+    assert not snapshot_fits_device(26 * gb, free=52 * gb, total=80 * gb)   # 13B: only 26 GB would
+    assert snapshot_fits_device(26 * gb, free=111 * gb, total=141 * gb)     # 13B on an H200

@@ -72,7 +72,7 @@ def export_config(method: str, args, device, dtype, checkpoint: Path, world: Pat
     """Quantize the language model of a fresh random-init model with `method`, W4 g128, and
     export it; the model is freed before the checkpoint is loaded back."""
     from fixtures.runtime.export import write_checkpoint
-    from fixtures.runtime.models import HostSnapshot
+    from fixtures.runtime.models import FPSnapshot
     from quantizers.api import quantize
     from quantizers.config import make_config
 
@@ -81,7 +81,7 @@ def export_config(method: str, args, device, dtype, checkpoint: Path, world: Pat
     config = make_config(f"{method}-w4g{args.group_size}-language", method, {"language": 4},
                          group_size=args.group_size)
     batches = calibration_batches(adapter, world, args.calibration_samples) if config.calibrates else None
-    snapshot = HostSnapshot(model, [adapter.components["language"]])
+    snapshot = FPSnapshot(model, [adapter.components["language"]])
     started = time.perf_counter()
     report, entry = quantize(adapter, config, batches)
     seconds = time.perf_counter() - started
