@@ -13,6 +13,7 @@ whenever a group starts at a block start (e.g. group_size a multiple of block_si
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -209,6 +210,29 @@ class _BlockGraph:
         return self.err_block, self.q_block, self.dq_block
 
 
+# Captured graphs, reused for every weight of their shape. A capture is not cheap:
+# torch.cuda.graph synchronizes and empties the allocator's caches (what the quantizer allocates
+# next is allocated from the driver again), then ~1,300 kernels are recorded and instantiated.
+# The 7B perf grid captured 450 graphs, one per weight (68 s inside the capturing function under
+# cProfile on an H100). A model's weights come in a few shapes (q/k/v stacked, o, gate/up stacked, down), so
+# a handful serve a whole grid; reuse is exact, as for the blocks of one weight (every input is
+# copied in and every output overwritten). Bounded: each holds eight (rows x width) float32 buffers.
+_GRAPHS: OrderedDict[tuple, _BlockGraph] = OrderedDict()
+MAX_GRAPHS = 8
+
+
+def block_graph(rows: int, width: int, maxq: int, device: torch.device) -> _BlockGraph:
+    """The block graph for this shape and grid, captured on first use."""
+    key = (rows, width, maxq, str(device))
+    if key in _GRAPHS:
+        _GRAPHS.move_to_end(key)
+    else:
+        _GRAPHS[key] = _BlockGraph(rows, width, maxq, device)
+        while len(_GRAPHS) > MAX_GRAPHS:
+            _GRAPHS.popitem(last=False)
+    return _GRAPHS[key]
+
+
 def use_block_graphs(device: torch.device, dynamic: bool, group: int, block_size: int) -> bool:
     """Whether a sweep can replay one graph per block: on CUDA, when every group's grid is known
     at the start of a block (dynamic groups that begin mid-block read the block mid-sweep).
@@ -236,7 +260,7 @@ def _quantize_columns(w, hinv, scale, zero, group_of_position, segments, *, bits
     product = torch.empty(rows, block_size, dtype=w.dtype, device=w.device)   # err h^T scratch
     graph = None
     if use_block_graphs(w.device, dynamic, group, block_size) and cols >= block_size:
-        graph = _BlockGraph(rows, block_size, maxq, w.device)
+        graph = block_graph(rows, block_size, maxq, w.device)
         group_of_column = torch.tensor(group_of_position, dtype=torch.long, device=w.device)
 
     def set_group_grid(start, i, w_block, err_block):

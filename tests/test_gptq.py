@@ -260,12 +260,36 @@ def test_block_graph_path_gives_the_eager_bits(monkeypatch, options):
         return real_graph(*args)
 
     monkeypatch.setattr(gptq, "_BlockGraph", graph)
+    monkeypatch.setattr(gptq, "_GRAPHS", type(gptq._GRAPHS)())   # captured here, none reused from elsewhere
     monkeypatch.setattr(gptq, "use_block_graphs", lambda device, dynamic, group, block_size:
                         not dynamic or group % block_size == 0)
     with_graph = gptq_quantize_stacked(weights, h, bits=3, **options)
     assert used, "the block-graph path did not run"
     for a, b in zip(with_graph, eager):
         assert_same_result(a, b)
+
+
+def test_one_block_graph_serves_every_weight_of_its_shape(monkeypatch):
+    """Graphs are captured once per (rows, width, grid, device) and reused: a second weight of
+    the same shape, swept over buffers the first one left behind, gets the eager bits too."""
+    import quantizers.gptq as gptq
+
+    monkeypatch.setattr(gptq, "_GRAPHS", type(gptq._GRAPHS)())
+    monkeypatch.setattr(gptq, "MAX_GRAPHS", 2)
+    monkeypatch.setattr(gptq, "use_block_graphs", lambda device, dynamic, group, block_size: True)
+    g = generator(5)
+    x = torch.randn(256, 64, generator=g)
+    h = hessian_of(x)
+    weights = [torch.randn(32, 64, generator=g) for _ in range(3)]
+    with_graphs = [gptq_quantize_stacked([w], h, bits=4, group_size=16, block_size=16) for w in weights]
+    assert len(gptq._GRAPHS) == 1
+    monkeypatch.setattr(gptq, "use_block_graphs", lambda device, dynamic, group, block_size: False)
+    for w, result in zip(weights, with_graphs):
+        for a, b in zip(result, gptq_quantize_stacked([w], h, bits=4, group_size=16, block_size=16)):
+            assert_same_result(a, b)
+    for rows in (8, 16, 24):   # the oldest shapes leave first
+        gptq.block_graph(rows, 16, 15, torch.device("cpu"))
+    assert [key[0] for key in gptq._GRAPHS] == [16, 24]
 
 
 def test_block_graphs_only_where_grids_are_known_at_block_starts(monkeypatch):

@@ -54,3 +54,21 @@ def test_a_folder_is_generated_when_first_needed_and_equals_the_whole_worlds(tmp
     whole = ensure_world(tmp_path / "whole", 0, layout)
     files = lambda r: {p.relative_to(r): p.read_bytes() for p in sorted(r.rglob("*")) if p.is_file()}  # noqa: E731
     assert files(root) == files(whole)
+
+
+def test_a_run_makes_the_folders_its_cases_read_together_at_its_first_load(tmp_path):
+    from pathlib import Path
+
+    from fixtures.runtime.data import DataStore
+    from fixtures.runtime.grid import TaskSpec, load_grid
+    from fixtures.runtime.run import embedded_folders
+    from fixtures.world.generate import default_layout
+    grids = Path(__file__).resolve().parents[1] / "benchmarks" / "grids"
+    perf = load_grid(grids / "perf.yaml").cases
+    assert embedded_folders(c for c in perf if c.model.family == "llava") == {"vqav2"}
+    assert embedded_folders(load_grid(grids / "default.yaml").cases) == set(default_layout())
+    layout = {"vqav2": {"train": 3, "val": 4}, "flickr30k": {"test": 3}, "scienceqa": {"train": 4}}
+    store = DataStore(tmp_path, tmp_path, world_layout=layout, world_folders={"flickr30k"})
+    assert len(store.load(TaskSpec("vqav2", data="embedded", split="val"))) > 0
+    made = read_manifest(tmp_path / "world")
+    assert {"vqav2", "flickr30k"} <= set(made) and "scienceqa" not in made
