@@ -144,19 +144,28 @@ def _decode(tensors: dict[str, torch.Tensor], meta: dict) -> QuantEntry:
     return entry
 
 
-def _write_temp(target: Path, data: bytes) -> Path:
-    """A fully written, fsynced temp file beside target (same file system: os.replace is atomic)."""
+def _write_temp(target: Path, write: Callable[[str], None]) -> Path:
+    """A fully written, fsynced temp file beside target (same file system: os.replace is atomic),
+    its bytes written by write(path)."""
     fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
+        os.close(fd)
+        write(name)
+        with open(name, "rb+") as file:
             os.fsync(file.fileno())
         os.chmod(name, 0o644)  # mkstemp makes 0600; a shared cache must be readable by others
     except BaseException:
         Path(name).unlink(missing_ok=True)
         raise
     return Path(name)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 24):
+            digest.update(chunk)   # hashlib releases the GIL on large buffers
+    return digest.hexdigest()
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -255,12 +264,16 @@ class QuantCache:
         """Both files go to fsynced temp files first; then the data replaces, and the sidecar last.
         A crash at any point leaves the old entry, or data whose sidecar is missing or stale, which
         load() rejects: never an entry that verifies but is incomplete."""
-        data = safetensors.torch.save(tensors, {META_FIELD: record})
         path, sidecar = self.path(key), self.sidecar(key)
         with self._lock(key):
-            temps = [_write_temp(path, data)]
+            # Straight to the file: safetensors' save_file serializes without holding the GIL,
+            # where save() (bytes in memory) held it about 1.2 s per 0.46 GB and stalled the run's
+            # own thread while an entry was written behind it (benchmarks/perf/cache_write.py
+            # --main-thread). Same bytes either way.
+            temps = [_write_temp(path, lambda name: safetensors.torch.save_file(tensors, name, {META_FIELD: record}))]
             try:
-                temps.append(_write_temp(sidecar, f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode()))
+                line = f"{_file_sha256(temps[0])}  {path.name}\n".encode()
+                temps.append(_write_temp(sidecar, lambda name: Path(name).write_bytes(line)))
                 os.replace(temps[0], path)
                 os.replace(temps[1], sidecar)
                 _fsync_dir(path.parent)

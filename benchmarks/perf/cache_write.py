@@ -52,8 +52,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()), help="where the entries go")
+    parser.add_argument("--main-thread", action="store_true",
+                        help="also time small torch ops on the main thread while an entry is written behind "
+                             "(what a config evaluating meanwhile loses: the GIL, the cores)")
     args = parser.parse_args()
     entry = w4_entry(args.layers, torch.device(args.device))
+    if args.main_thread:
+        main_thread_beside_a_write(entry, args)
     for write_behind in (False, True):
         waits, totals = [], []
         for attempt in range(args.repeat):
@@ -71,6 +76,40 @@ def main() -> None:
         print(json.dumps({"write_behind": write_behind, "layers": args.layers, "device": args.device,
                           "entry_gb": round(size / 1e9, 3), "run_waits_s": round(min(waits), 2),
                           "until_on_disk_s": round(min(totals), 2)}), flush=True)
+
+
+def small_ops(seconds: float) -> tuple[float, float]:
+    """(ops per second, longest gap between two ops in seconds) of a loop of tiny torch ops for
+    `seconds`: a stand-in for the Python that launches an evaluation's kernels."""
+    a, b, out = torch.ones(64), torch.ones(64), torch.empty(64)
+    count, longest, started = 0, 0.0, time.perf_counter()
+    last = started
+    while last - started < seconds:
+        torch.add(a, b, out=out)
+        now = time.perf_counter()
+        longest, last, count = max(longest, now - last), now, count + 1
+    return count / (last - started), longest
+
+
+def main_thread_beside_a_write(entry: QuantEntry, args) -> None:
+    alone, alone_gap = small_ops(1.0)
+    root = Path(tempfile.mkdtemp(dir=args.dir, prefix="cache-write-"))
+    try:
+        cache = QuantCache(root, write_behind=True)
+        started = time.perf_counter()
+        cache.get_or_build(cache_key("cache_write.py", "main-thread"), lambda: entry)
+        rates, gaps = [], []
+        while cache._pending and not all(job.done() for job in cache._pending.values()):
+            rate, gap = small_ops(0.2)
+            rates.append(rate)
+            gaps.append(gap)
+        cache.close()
+        print(json.dumps({"main_thread_ops_per_s_alone": round(alone), "longest_gap_alone_ms": round(alone_gap * 1e3, 2),
+                          "ops_per_s_beside_write": round(sum(rates) / max(len(rates), 1)),
+                          "longest_gap_beside_write_ms": round(max(gaps, default=0.0) * 1e3, 2),
+                          "write_s": round(time.perf_counter() - started, 2)}), flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -133,13 +133,15 @@ def main() -> None:
         with profile(activities=activities) as prof:
             _, wall = timed(torch, work)
         events = prof.key_averages()
-        busy = sum(e.self_device_time_total for e in events) / 1e6 if device.type == "cuda" else None
+        # The kernels' own rows only: an operator's row counts its kernels' time again.
+        kernels = [e for e in events if e.device_type.name == "CUDA"]
+        busy = sum(e.self_device_time_total for e in kernels) / 1e6 if device.type == "cuda" else None
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         table = events.table(sort_by=sort, row_limit=30)
         path = args.profile_dir / f"profile-{name}.txt"
         path.write_text(table)
         report(work=f"profile_{name}", wall_s=round(wall, 3), device_busy_s=round(busy, 3) if busy else None,
-               kernels=sum(e.count for e in events if e.device_type.name == "CUDA") if busy else None,
+               kernels=sum(e.count for e in kernels) if busy else None,
                table=str(path))
 
     with torch.inference_mode():
