@@ -235,3 +235,22 @@ def test_a_failed_write_behind_warns_and_loses_only_the_entry(tmp_path, monkeypa
     with pytest.warns(UserWarning, match="could not write .*No space left"):
         cache.close()
     assert cache.load(KEY) is None, "nothing half-written; the lock was given back"
+
+
+def test_change_markers_tell_which_parameters_changed():
+    """The coverage check's markers: unchanged parameters keep theirs; one changed element, or
+    two swapped ones, change them (integer sums of the raw bits, the second position-weighted)."""
+    from quantizers.cache import change_markers
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 3).to(torch.bfloat16))
+    before = change_markers(model)
+    assert list(before) == [name for name, _ in model.named_parameters()]
+    assert all(isinstance(v, int) for pair in before.values() for v in pair)
+    with torch.no_grad():
+        model[0].weight[1, 2] += 1.0
+        w = model[1].weight
+        w[0, 0], w[0, 1] = w[0, 1].clone(), w[0, 0].clone()
+    after = change_markers(model)
+    assert after["0.weight"] != before["0.weight"] and after["1.weight"] != before["1.weight"]
+    assert after["0.bias"] == before["0.bias"] and after["1.bias"] == before["1.bias"]
+    assert after["1.weight"][0] == before["1.weight"][0]   # a swap keeps the plain sum: the weighted one tells
