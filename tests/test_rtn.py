@@ -94,3 +94,24 @@ def test_unknown_component_and_unknown_method(tiny):
         make_config("q", "qig", {"language": 4})
     with pytest.raises(ConfigError, match="needs calibration data"):
         api.quantize(copy.deepcopy(tiny), make_config("q", "gptq", {"language": 4}))
+
+
+def test_the_quantization_seconds_end_after_the_devices_queued_work(tiny, monkeypatch):
+    """quantize() waits for the model's GPU work before it takes the report's seconds (on CPU
+    there is none to wait for: the wait is a no-op, checked here to come before the report)."""
+    events = []
+    wait, report = api.finish_device_work, api.QuantReport
+    monkeypatch.setattr(api, "finish_device_work", lambda model: events.append("wait") or wait(model))
+    monkeypatch.setattr(api, "QuantReport", lambda *a, **k: events.append("report") or report(*a, **k))
+    api.quantize(copy.deepcopy(tiny), make_config("q", "rtn", {"language": 3}))
+    assert events == ["wait", "report"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: on CPU every op has finished when it returns")
+def test_finish_device_work_leaves_nothing_queued():
+    model = nn.Linear(4096, 4096).cuda()
+    x = torch.randn(8192, 4096, device="cuda")
+    for _ in range(20):
+        x = model(x)
+    api.finish_device_work(model)
+    assert torch.cuda.current_stream().query()
