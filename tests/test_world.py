@@ -72,3 +72,17 @@ def test_a_run_makes_the_folders_its_cases_read_together_at_its_first_load(tmp_p
     assert len(store.load(TaskSpec("vqav2", data="embedded", split="val"))) > 0
     made = read_manifest(tmp_path / "world")
     assert {"vqav2", "flickr30k"} <= set(made) and "scienceqa" not in made
+
+
+def test_images_drawn_by_several_processes_are_the_files_drawn_by_one(tmp_path, monkeypatch):
+    """One folder on two cores: its process draws the images with two forked workers
+    (scenes.save_renders); one core: everything in this process, one image after the other."""
+    from fixtures.world import generate
+    layout = {"vqav2": {"train": 70, "val": 4}}
+    monkeypatch.setattr(generate.os, "cpu_count", lambda: 2)
+    generate.generate_world(tmp_path / "two", 0, layout, progress=False)
+    monkeypatch.setattr(generate.os, "cpu_count", lambda: 1)
+    generate.generate_world(tmp_path / "one", 0, layout, progress=False)
+    files = lambda root: {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}  # noqa: E731
+    two, one = files(tmp_path / "two"), files(tmp_path / "one")
+    assert sum(p.suffix == ".jpg" for p in one) == 74 and two == one
