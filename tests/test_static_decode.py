@@ -70,41 +70,17 @@ def test_activation_quantized_models_decode_the_usual_way(samples, monkeypatch):
     assert len(result.samples) == 4
 
 
-def test_shared_prefixes_decoded_from_a_static_cache_give_generates_predictions(samples, monkeypatch):
-    """share_image_prefix with static_cache: each image's prefix prefilled once, its keys and
-    values copied into the static cache (padded between prefix and question), decoded from there."""
-    adapter = load_adapter("t", "llava", "fixtures/tiny/llava-tiny", torch.device("cpu"), "float32", ROOT)
-    assert len({s.image_id for s in samples}) < len(samples)   # images asked about more than once
-    plain = vqav2.evaluate(adapter, samples, batch_size=16, progress=False)
-    copies = []
-    real = static_decode.static_copy
-    monkeypatch.setattr(static_decode, "static_copy", lambda *a: copies.append(a[2]) or real(*a))
-    both = vqav2.evaluate(adapter, samples, batch_size=16, progress=False,
-                          generation=replace(vqav2.GENERATION, share_image_prefix=True, static_cache=True))
-    assert [s["prediction"] for s in both.samples] == [s["prediction"] for s in plain.samples]
-    assert copies and all(length % LENGTH_MULTIPLE == vqav2.GENERATION.max_new_tokens for length in copies)
-
-
-def test_widening_inserts_masked_pads_after_the_prefix():
-    ids = torch.tensor([[1, 9, 0, 5], [1, 9, 7, 7]])
-    wide, mask = static_decode.widen_after(ids, (ids != 0).long(), 2, 0)
-    assert wide.shape[1] == LENGTH_MULTIPLE
-    assert wide[:, :2].tolist() == [[1, 9], [1, 9]] and wide[:, -2:].tolist() == [[0, 5], [7, 7]]
-    assert torch.equal(mask, (wide != 0).long())
-
-
 def test_a_cache_that_miscounts_its_prefill_falls_back_to_generates_own_filling(samples, monkeypatch):
     """Where the cache would not report the tokens prefilled into it (transformers releases that
-    count them from the first row's keys), the own-prefill and shared paths step aside."""
+    count them from the first row's keys), the own-prefill path steps aside."""
     adapter = load_adapter("t", "llava", "fixtures/tiny/llava-tiny", torch.device("cpu"), "float32", ROOT)
     plain = vqav2.evaluate(adapter, samples, batch_size=16, progress=False)
     asked = []
     monkeypatch.setattr(static_decode, "holds", lambda cache, tokens: asked.append(tokens) and False)
-    for shared in (False, True):
-        result = vqav2.evaluate(adapter, samples, batch_size=16, progress=False,
-                                generation=replace(vqav2.GENERATION, share_image_prefix=shared, static_cache=True))
-        assert [s["prediction"] for s in result.samples] == [s["prediction"] for s in plain.samples]
-    assert len(asked) >= 3
+    result = vqav2.evaluate(adapter, samples, batch_size=16, progress=False,
+                            generation=replace(vqav2.GENERATION, static_cache=True))
+    assert [s["prediction"] for s in result.samples] == [s["prediction"] for s in plain.samples]
+    assert len(asked) == 2
 
 
 def test_a_cache_filled_under_compile_is_tagged_for_cuda_graphs(samples, monkeypatch):
@@ -132,8 +108,11 @@ def test_the_compiled_prefill_only_fills_caches_already_made(samples):
     plain = vqav2.evaluate(adapter, samples, batch_size=10, progress=False)
     seen = []
 
+    widths = []
+
     def compiled_stand_in(**kwargs):
         seen.append(all(layer.is_initialized for layer in kwargs[static_decode.cache_argument(adapter.model)].layers))
+        widths.append(kwargs["input_ids"].shape[1] + 1)   # all of the prompt but its last token
         return adapter.model(**kwargs)
     static_decode._HELD.setdefault(adapter.model, static_decode._Held()).prefill = compiled_stand_in
     static = vqav2.evaluate(adapter, samples, batch_size=10, progress=False,
@@ -141,4 +120,8 @@ def test_the_compiled_prefill_only_fills_caches_already_made(samples):
     assert [s["prediction"] for s in static.samples] == [s["prediction"] for s in plain.samples]
     assert static_decode._HELD[adapter.model].shape[0] == 10, "three batches of one shape"
     assert seen == [True, True], "the first batch filled the new cache; the next two the compiled prefill"
+    # The prompt padded for the prefill's shape only; the cache for the decode graphs' shape.
+    assert all(width % static_decode.PREFILL_MULTIPLE == 0 and width < LENGTH_MULTIPLE for width in widths)
+    cache_length = static_decode._HELD[adapter.model].shape[1]
+    assert cache_length == LENGTH_MULTIPLE + vqav2.GENERATION.max_new_tokens
     static_decode.release(adapter.model)

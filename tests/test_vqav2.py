@@ -98,42 +98,103 @@ def test_batched_greedy_matches_batch_size_one(world):
 
 
 def test_shared_image_prefix_gives_the_unshared_predictions(world, monkeypatch):
-    from fixtures.adapters import shared_prefix
+    from fixtures.adapters import llava, shared_prefix
 
     adapter = load_adapter("t", "llava", "fixtures/tiny/llava-tiny", torch.device("cpu"), "float32", ROOT)
     samples = vqav2.load_official(world / "vqav2", "val2014")[:40]
     assert len({s.image_id for s in samples}) < len(samples)   # images asked about more than once
     unshared = vqav2.evaluate(adapter, samples, batch_size=20, progress=False)
 
-    layouts = []
-    real_layout = shared_prefix.shared_layout
-    monkeypatch.setattr(shared_prefix, "shared_layout", lambda *a: layouts.append(real_layout(*a)) or layouts[-1])
+    layouts, packed = [], []
+    real_pack, real_generate = shared_prefix.pack, llava.generate_packed
+    monkeypatch.setattr(shared_prefix, "pack", lambda *a: layouts.append(real_pack(*a)) or layouts[-1])
+    monkeypatch.setattr(llava, "generate_packed", lambda *a, **kw: packed.append(real_generate(*a, **kw)) or packed[-1])
     shared = vqav2.evaluate(adapter, samples, batch_size=20, progress=False,
                             generation=replace(vqav2.GENERATION, share_image_prefix=True))
-    prefixes = [layout[1] for layout in layouts if layout is not None]
+    prefixes = [layout.pixels for layout in layouts if layout is not None]
     per_batch = [len({s.image_id for s in samples[i:i + 20]}) for i in (0, 20)]   # an image may span both
     assert [len(p) for p in prefixes] == per_batch and sum(per_batch) < len(samples)
+    assert len(packed) == 2 and all(result is not None for result in packed), "both batches decoded packed"
     assert [s["prediction"] for s in shared.samples] == [s["prediction"] for s in unshared.samples]
     assert shared.metrics == unshared.metrics
 
 
-def test_shared_layout_keeps_each_question_and_declines_when_nothing_repeats():
-    from fixtures.adapters.shared_prefix import shared_layout
+def test_shared_image_prefix_keeps_a_minimum_of_new_tokens(world):
+    """generate suppresses end-of-sequence until min_length new tokens; the packed decode too."""
+    adapter = load_adapter("t", "llava", "fixtures/tiny/llava-tiny", torch.device("cpu"), "float32", ROOT)
+    samples = vqav2.load_official(world / "vqav2", "val2014")[:20]
+    longer = replace(vqav2.GENERATION, min_length=4)
+    unshared = vqav2.evaluate(adapter, samples, batch_size=20, progress=False, generation=longer)
+    shared = vqav2.evaluate(adapter, samples, batch_size=20, progress=False,
+                            generation=replace(longer, share_image_prefix=True))
+    plain = vqav2.evaluate(adapter, samples, batch_size=20, progress=False)
+    assert [s["prediction"] for s in shared.samples] == [s["prediction"] for s in unshared.samples]
+    assert [s["prediction"] for s in unshared.samples] != [s["prediction"] for s in plain.samples]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU; none here")
+def test_captured_decode_steps_give_the_eager_steps_tokens(world):
+    """On a GPU the packed decode step is captured once per shape and replayed: the same kernels
+    on the same buffers, so the same tokens as the eager step, batch after batch."""
+    from fixtures.adapters import shared_prefix
+
+    adapter = load_adapter("t", "llava", "fixtures/tiny/llava-tiny", torch.device("cuda"), "float32", ROOT)
+    samples = vqav2.load_official(world / "vqav2", "val2014")[:60]
+    language, pad = adapter.component("language"), adapter.processor.tokenizer.pad_token_id
+    for start in (0, 20, 40):
+        chosen = samples[start:start + 20]
+        encoded = adapter.encode([s.image() for s in chosen], [adapter.short_answer_prompt(s.question) for s in chosen])
+        tokens = {graphs: shared_prefix.generate_packed(adapter.model, language, adapter.to_device, encoded,
+                                                        adapter.model.config.image_token_id, pad,
+                                                        vqav2.GENERATION.max_new_tokens, graphs=graphs)[0]
+                  for graphs in (False, True)}
+        assert torch.equal(tokens[False], tokens[True])
+    steps = shared_prefix._HELD[adapter.model].graphs.values()
+    assert steps and all(step.graph is not None for step in steps)
+    shared_prefix.release(adapter.model)
+    assert adapter.model not in shared_prefix._HELD
+
+
+def test_packing_groups_questions_by_image_and_declines_when_nothing_repeats():
+    from fixtures.adapters.shared_prefix import pack
 
     image, pad = 9, 0
     # Left-padded rows: [pad..] [1 image image] [question]; rows 0 and 2 show the same image.
     ids = torch.tensor([[0, 0, 1, 9, 9, 5, 6], [0, 1, 9, 9, 7, 7, 7], [1, 9, 9, 8, 8, 8, 8]])
     mask = (ids != 0).long()
     pixels = torch.stack([torch.zeros(3, 2, 2), torch.ones(3, 2, 2), torch.zeros(3, 2, 2)])
-    prefix, unique, image_of_row, new_ids, new_mask = shared_layout(ids, mask, pixels, image, pad)
-    assert prefix.tolist() == [1, 9, 9] and image_of_row.tolist() == [0, 1, 0]
-    assert torch.equal(unique, pixels[:2])
-    assert new_ids.tolist() == [[1, 9, 9, 0, 0, 5, 6], [1, 9, 9, 0, 7, 7, 7], [1, 9, 9, 8, 8, 8, 8]]
-    assert torch.equal(new_mask, (new_ids != 0).long())
-    assert shared_layout(ids[:2], mask[:2], pixels[:2], image, pad) is None          # no repeat
+    batch = pack(ids, mask, pixels, image, pad)
+    assert batch.prefix.tolist() == [1, 9, 9] and torch.equal(batch.pixels, pixels[:2])
+    assert batch.image_of.tolist() == [0, 1, 0] and batch.slot_of.tolist() == [0, 0, 1]
+    # One row per image, one block per question (width: the longest question), right-aligned.
+    assert batch.width == 4 and batch.decode_start == 3 + 2 * 4
+    assert batch.ids.tolist() == [[0, 0, 5, 6, 8, 8, 8, 8], [0, 7, 7, 7, 0, 0, 0, 0]]
+    assert batch.lengths.tolist() == [[2, 4], [3, 0]]
+    assert pack(ids[:2], mask[:2], pixels[:2], image, pad) is None          # no repeat
     other = ids.clone()
-    other[2, 0] = 2                                                                   # other prefix
-    assert shared_layout(other, (other != 0).long(), pixels, image, pad) is None
+    other[2, 0] = 2                                                         # other prefix
+    assert pack(other, (other != 0).long(), pixels, image, pad) is None
+
+
+def test_packed_masks_and_positions_keep_each_question_to_itself():
+    """A question's tokens see the prefix and their own earlier tokens, pads only the prefix; at
+    decode step t a question sees its own steps up to t; positions continue the unshared prompt's."""
+    from fixtures.adapters.shared_prefix import decode_masks, pack, question_mask, question_positions
+
+    ids = torch.tensor([[1, 9, 5, 6], [1, 9, 7, 0], [1, 9, 8, 8]])
+    ids[1] = torch.tensor([0, 1, 9, 7])
+    pixels = torch.stack([torch.zeros(1), torch.zeros(1), torch.ones(1)])
+    batch = pack(ids, (ids != 0).long(), pixels, 9, 0)        # image 0: questions [5 6] and [7]
+    assert batch.ids.tolist() == [[5, 6, 0, 7], [8, 8, 0, 0]]
+    seen = question_mask(batch, "cpu")[:, 0]                  # (rows, 4 question columns, 6 columns)
+    assert seen[0].int().tolist() == [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0],   # 5, then 6
+                                      [1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 1]]   # pad, then 7
+    assert seen[1, 2:].int().tolist() == [[1, 1, 0, 0, 0, 0]] * 2            # an empty block: prefix only
+    assert question_positions(batch, "cpu").tolist() == [[2, 3, 2, 2], [2, 3, 2, 2]]
+    fixed, own_steps, step = decode_masks(batch, 10, "cpu")
+    assert step.tolist() == [-1] * 6 + [0, 0, 1, 1]
+    at_step_1 = (fixed | (own_steps & (step <= 1)))[0, 0]
+    assert at_step_1.int().tolist() == [[1, 1, 1, 1, 0, 0, 1, 0, 1, 0], [1, 1, 0, 0, 0, 1, 0, 1, 0, 1]]
 
 
 def test_blip2_beam_search_batched_matches_batch_size_one(world):

@@ -8,8 +8,10 @@ next ones. Variants:
                  (mode reduce-overhead: CUDA graphs)
   suite_eager    the suite's adapter.generate_encoded, default settings
   suite_static   the same with Generation(static_cache=True) (fixtures/adapters/static_decode.py)
-  suite_shared   the same with share_image_prefix=True
-  suite_shared_static  both
+  suite_shared   the same with share_image_prefix=True: the batch packed by image, the decode
+                 step captured as a CUDA graph (fixtures/adapters/shared_prefix.py)
+  suite_shared_static  both (static_cache does not change the packed path)
+  packed_eager   the packed path with the decode step run eagerly (what the graphs save)
   suite_eager_small    the suite's eager path on the same samples in batches of --small-batch
                  (default 1: issue 23's batch-vs-batch-1 agreement; the H100 runs to 848f78b used 8): how
                  many predictions a mere change of batch flips (bf16, and random weights' near-tied
@@ -152,6 +154,26 @@ def main() -> None:
                                  ("suite_shared_static", replace(plain, share_image_prefix=True, static_cache=True))):
             if name in variants:
                 suite_all(name, generation)
+        if "packed_eager" in variants:
+            from fixtures.adapters.shared_prefix import generate_packed
+            language, image = adapter.component("language"), model.config.image_token_id
+
+            def packed(batch):
+                out, _ = generate_packed(model, language, adapter.to_device, batch, image, pad, args.new_tokens,
+                                         graphs=False)
+                return [t.strip() for t in processor.tokenizer.batch_decode(out, skip_special_tokens=True)]
+            _, warm = timed(torch, lambda: packed(encoded[0]))
+            outputs, seconds, each = [], 0.0, []
+            for batch in encoded[1:]:
+                out, spent = timed(torch, lambda: packed(batch))
+                seconds += spent
+                each.append(round(spent, 2))
+                outputs += out
+            same = sum(a == b for a, b in zip(outputs, answers.get("suite_eager", outputs)))
+            shared_same = sum(a == b for a, b in zip(outputs, answers.get("suite_shared", outputs)))
+            report(work="packed_eager", warmup_s=round(warm, 2), seconds=round(seconds, 3),
+                   samples_per_s=round(len(outputs) / seconds, 1), same_as_suite_eager=f"{same}/{len(outputs)}",
+                   same_as_suite_shared=f"{shared_same}/{len(outputs)}", batch_seconds=each)
         if "suite_eager_small" in variants:
             small, outputs = args.small_batch, []
             timed_samples = samples[args.batch:(args.batches + 1) * args.batch]
