@@ -15,6 +15,7 @@ from quantizers.bpw import FP_BITS, LayerRecord, bits_per_weight
 from quantizers.cache import QuantEntry, apply_entry, change_markers
 from quantizers.config import ConfigError, QuantConfig
 from quantizers.methods import QuantOutput
+from quantizers.primitives import host_copy
 from quantizers.targets import Target, select_targets, unaccounted_weights
 
 
@@ -116,9 +117,10 @@ def quantize(adapter, config: QuantConfig, batches: list[dict] | None = None,
     report = QuantReport(config, output.layers, bits_per_weight(adapter.model, output.layers, components),
                          time.perf_counter() - started, details=output.details)
     params = dict(adapter.model.named_parameters())
-    entry = QuantEntry({f"{name}.weight": q.cpu() for name, q in output.quantized.items()},
-                       {name: params[name].detach().cpu().clone() for name in output.changed},
+    entry = QuantEntry({f"{name}.weight": q.to_host() for name, q in output.quantized.items()},
+                       {name: host_copy(params[name].detach()) for name in output.changed},
                        {**method.state(adapter.model), **activations.ranges_to_state(ranges)}, report.to_meta())
+    finish_device_work(adapter.model)   # the host copies above were queued, not awaited
     return report, entry
 
 

@@ -23,9 +23,20 @@ class QuantizedTensor:
     group_index: torch.Tensor   # (cols,) int64: column -> group (any mapping, e.g. act-order)
     dequantized: torch.Tensor | None = None   # the weight's dtype; None when read from the cache
 
-    def cpu(self) -> "QuantizedTensor":
-        """The integer form on the host, as the cache stores it."""
-        return QuantizedTensor(self.codes.cpu(), self.scale.cpu(), self.zero.cpu(), self.group_index.cpu().long())
+    def to_host(self) -> "QuantizedTensor":
+        """The integer form on the host, as the cache stores it; from a GPU copied without waiting
+        (host_copy: the caller synchronizes before reading it)."""
+        return QuantizedTensor(host_copy(self.codes), host_copy(self.scale), host_copy(self.zero),
+                               host_copy(self.group_index.long()))
+
+
+def host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A host copy of tensor that owns its memory; of a GPU tensor, straight into pinned memory
+    without waiting: one copy at DMA speed, where .cpu() stages through pageable memory at a
+    fraction of it (a 7B language model's codes are 6.5 GB). The caller synchronizes before
+    reading it."""
+    host = torch.empty_like(tensor, device="cpu", pin_memory=tensor.is_cuda)
+    return host.copy_(tensor, non_blocking=tensor.is_cuda)
 
 
 class QuantizationHook:

@@ -198,7 +198,7 @@ def test_each_test_records_the_runtime_phases_it_paid_for(bench, tmp_path):
     second = session.run(case_for(make_config("rtn-w3-language", "rtn", {"language": 3})))
 
     assert {"model_build", "data", "fp_baseline"} <= set(fp.phases) and fp.eval_seconds > 0
-    assert {"snapshot", "calibration_data", "fingerprint", "cache_write"} <= set(first.phases)
+    assert {"snapshot", "calibration_data", "fingerprint", "cache_write", "entry_copy"} <= set(first.phases)
     assert "model_build" not in first.phases and "calibration_data" not in second.phases   # RTN: none
     assert "restore" in second.phases and "fp_baseline" not in second.phases
     assert all(seconds >= 0 for o in (fp, first, second) for seconds in o.phases.values())

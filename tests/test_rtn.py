@@ -104,7 +104,34 @@ def test_the_quantization_seconds_end_after_the_devices_queued_work(tiny, monkey
     monkeypatch.setattr(api, "finish_device_work", lambda model: events.append("wait") or wait(model))
     monkeypatch.setattr(api, "QuantReport", lambda *a, **k: events.append("report") or report(*a, **k))
     api.quantize(copy.deepcopy(tiny), make_config("q", "rtn", {"language": 3}))
-    assert events == ["wait", "report"]
+    assert events == ["wait", "report", "wait"], "the last wait: the entry's host copies"
+
+
+def test_the_entrys_host_copies_own_their_memory(tiny):
+    """The entry's tensors are copies (on CPU too): quantizing or restoring the model afterwards
+    does not change a cache entry being written behind the run."""
+    from PIL import Image
+    model = copy.deepcopy(tiny)
+    batches = [model.model_inputs([Image.new("RGB", (64, 64), "red")] * 2,
+                                  [model.calibration_text(q, "yes") for q in ("is it red", "what is it")])]
+    _, entry = api.quantize(model, make_config("q", "awq", {"language": 4}, params={"n_grid": 4}), batches)
+    assert entry.raw, "AWQ folds its scales into norms: changed parameters beside the weights"
+    params = dict(model.model.named_parameters())
+    for name, raw in entry.raw.items():
+        before = raw.clone()
+        params[name].data.add_(1.0)
+        assert torch.equal(raw, before) and raw.data_ptr() != params[name].data_ptr()
+    weight = next(iter(entry.weights.values()))
+    assert weight.codes.device.type == "cpu" and weight.group_index.dtype == torch.long
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: pinned memory needs one")
+def test_a_gpu_tensors_host_copy_is_pinned_and_equal():
+    from quantizers.primitives import host_copy
+    tensor = torch.randn(1024, 1024, device="cuda")
+    copied = host_copy(tensor)
+    torch.cuda.synchronize()
+    assert copied.is_pinned() and torch.equal(copied, tensor.cpu())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: on CPU every op has finished when it returns")
