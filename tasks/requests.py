@@ -24,16 +24,16 @@ class Generation:
     max_new_tokens: int = field(metadata={"minimum": 1})
     num_beams: int = field(default=1, metadata={"minimum": 1})    # 1 = greedy
     min_length: int = field(default=0, metadata={"minimum": 0})   # at least this many new tokens (LAVIS captions: 8)
-    # Prefill each distinct image's prompt prefix once and reuse its KV cache for every question
-    # about it (greedy, families that support it: fixtures/adapters/shared_prefix.py). Off by
-    # default: the same predictions on the tiny checkpoints, but a bf16 near-tie could round the
-    # other way.
+    # The batch packed by image: each distinct image's prompt prefix prefilled once and read once
+    # per decode step for all the questions about it (greedy, families that support it:
+    # fixtures/adapters/shared_prefix.py). Off by default: the same predictions on the tiny
+    # checkpoints, but a bf16 near-tie could round the other way.
     share_image_prefix: bool = False
     # Batches of prompts of similar token length (tasks.base.generate_replies): less padding to
     # prefill where prompts vary (ScienceQA's hints); off by default, as it regroups the batches.
     length_buckets: bool = False
-    # Decoding (greedy or beams) with a static KV cache at prompt lengths padded to a multiple of
-    # 64, so the decode step compiles into CUDA graphs reused across batches
+    # Decoding (greedy or beams) with a static KV cache at a length padded to a multiple of 64,
+    # so the decode step compiles into CUDA graphs reused across batches
     # (fixtures/adapters/static_decode.py); families that generate with a decoder-only language
     # model, not with activation quantizers.
     static_cache: bool = False
