@@ -29,6 +29,11 @@ class Generation:
     # fixtures/adapters/shared_prefix.py). Off by default: the same predictions on the tiny
     # checkpoints, but a bf16 near-tie could round the other way.
     share_image_prefix: bool = False
+    # With share_image_prefix on a GPU: replay the packed decode step as a CUDA graph captured
+    # once per batch shape. Off by default: on an H100 at batch 64 the eager step was as fast in
+    # steady batches (0.47-0.51 s against 0.50-0.55 s) and each new shape paid a capture (about
+    # 0.3 s, again every config: the weights change). For hosts too slow to launch a step's kernels.
+    decode_graphs: bool = False
     # Batches of prompts of similar token length (tasks.base.generate_replies): less padding to
     # prefill where prompts vary (ScienceQA's hints); off by default, as it regroups the batches.
     length_buckets: bool = False

@@ -1,17 +1,19 @@
 """Where the LLaVA-1.5-7B VQAv2-style batch spends its time, and what compiling buys (issue 23).
 
 A probe, not the suite: the random-init LLaVA-1.5-7B architecture (timings only), batches of
---batch embedded-world VQAv2 prompts, each variant warmed up on the first batch and timed on the
-next ones. Variants:
+--batch embedded-world VQAv2 prompts, each variant warmed up on the first batch (the suite's
+variants twice) and timed on the next ones. Variants:
   eager          model.generate as the suite runs it today (dynamic cache, SDPA)
   static         generate with a static cache: transformers compiles the decode step
                  (mode reduce-overhead: CUDA graphs)
   suite_eager    the suite's adapter.generate_encoded, default settings
   suite_static   the same with Generation(static_cache=True) (fixtures/adapters/static_decode.py)
   suite_shared   the same with share_image_prefix=True: the batch packed by image, the decode
-                 step captured as a CUDA graph (fixtures/adapters/shared_prefix.py)
-  suite_shared_static  both (static_cache does not change the packed path)
-  packed_eager   the packed path with the decode step run eagerly (what the graphs save)
+                 step run eagerly (fixtures/adapters/shared_prefix.py)
+  suite_shared_graphs  the same with decode_graphs=True: the decode step captured as a CUDA
+                 graph once per batch shape (what the graphs save, against suite_shared)
+  suite_shared_static  share_image_prefix and static_cache (static_cache does not change the
+                 packed path)
   suite_eager_small    the suite's eager path on the same samples in batches of --small-batch
                  (default 1: issue 23's batch-vs-batch-1 agreement; the H100 runs to 848f78b used 8): how
                  many predictions a mere change of batch flips (bf16, and random weights' near-tied
@@ -108,10 +110,13 @@ def main() -> None:
                peak_gb=round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None)
 
     def suite_all(name, generation):
-        """The suite's own path (adapter.generate_encoded) with these decoding settings."""
+        """The suite's own path (adapter.generate_encoded) with these decoding settings, warmed up
+        on the first batch twice: with a static cache the first call fills a new cache through
+        the model itself and the second compiles the prefill (at 7c729b1 that compile, about 73 s,
+        landed in the first timed batch)."""
         graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]  # noqa: E731
         before = graphs()
-        _, warm = timed(torch, lambda: adapter.generate_encoded(encoded[0], generation))
+        _, warm = timed(torch, lambda: [adapter.generate_encoded(encoded[0], generation) for _ in range(2)])
         outputs, seconds, each = [], 0.0, []
         for batch in encoded[1:]:
             out, spent = timed(torch, lambda: adapter.generate_encoded(batch, generation))
@@ -119,9 +124,10 @@ def main() -> None:
             each.append(round(spent, 2))
             outputs += out
         answers[name] = outputs
-        same = sum(a == b for a, b in zip(outputs, answers.get("suite_eager", outputs)))
+        same = {f"same_as_{other}": f"{sum(a == b for a, b in zip(outputs, answers[other]))}/{len(outputs)}"
+                for other in ("suite_eager", "suite_shared") if other in answers and other != name}
         report(work=name, warmup_s=round(warm, 2), seconds=round(seconds, 3),
-               samples_per_s=round(len(outputs) / seconds, 1), same_as_suite_eager=f"{same}/{len(outputs)}",
+               samples_per_s=round(len(outputs) / seconds, 1), **same,
                batch_seconds=each, compiled_graphs=graphs() - before,
                peak_gb=round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None)
         if name in args.profile.split(","):
@@ -149,31 +155,12 @@ def main() -> None:
     with torch.inference_mode():
         from tasks.requests import Generation
         plain = Generation(max_new_tokens=args.new_tokens)
+        shared = replace(plain, share_image_prefix=True)
         for name, generation in (("suite_eager", plain), ("suite_static", replace(plain, static_cache=True)),
-                                 ("suite_shared", replace(plain, share_image_prefix=True)),
-                                 ("suite_shared_static", replace(plain, share_image_prefix=True, static_cache=True))):
+                                 ("suite_shared", shared), ("suite_shared_graphs", replace(shared, decode_graphs=True)),
+                                 ("suite_shared_static", replace(shared, static_cache=True))):
             if name in variants:
                 suite_all(name, generation)
-        if "packed_eager" in variants:
-            from fixtures.adapters.shared_prefix import generate_packed
-            language, image = adapter.component("language"), model.config.image_token_id
-
-            def packed(batch):
-                out, _ = generate_packed(model, language, adapter.to_device, batch, image, pad, args.new_tokens,
-                                         graphs=False)
-                return [t.strip() for t in processor.tokenizer.batch_decode(out, skip_special_tokens=True)]
-            _, warm = timed(torch, lambda: packed(encoded[0]))
-            outputs, seconds, each = [], 0.0, []
-            for batch in encoded[1:]:
-                out, spent = timed(torch, lambda: packed(batch))
-                seconds += spent
-                each.append(round(spent, 2))
-                outputs += out
-            same = sum(a == b for a, b in zip(outputs, answers.get("suite_eager", outputs)))
-            shared_same = sum(a == b for a, b in zip(outputs, answers.get("suite_shared", outputs)))
-            report(work="packed_eager", warmup_s=round(warm, 2), seconds=round(seconds, 3),
-                   samples_per_s=round(len(outputs) / seconds, 1), same_as_suite_eager=f"{same}/{len(outputs)}",
-                   same_as_suite_shared=f"{shared_same}/{len(outputs)}", batch_seconds=each)
         if "suite_eager_small" in variants:
             small, outputs = args.small_batch, []
             timed_samples = samples[args.batch:(args.batches + 1) * args.batch]
