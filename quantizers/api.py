@@ -117,9 +117,12 @@ def quantize(adapter, config: QuantConfig, batches: list[dict] | None = None,
     report = QuantReport(config, output.layers, bits_per_weight(adapter.model, output.layers, components),
                          time.perf_counter() - started, details=output.details)
     params = dict(adapter.model.named_parameters())
+    # Host copies the entry owns (on CPU too): the cache writes them behind the run as they are,
+    # while the model goes on changing.
+    state = {**method.state(adapter.model), **activations.ranges_to_state(ranges)}
     entry = QuantEntry({f"{name}.weight": q.to_host() for name, q in output.quantized.items()},
                        {name: host_copy(params[name].detach()) for name in output.changed},
-                       {**method.state(adapter.model), **activations.ranges_to_state(ranges)}, report.to_meta())
+                       {name: host_copy(tensor) for name, tensor in state.items()}, report.to_meta())
     finish_device_work(adapter.model)   # the host copies above were queued, not awaited
     return report, entry
 

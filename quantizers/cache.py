@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 # One dequantization formula for quantizers and cache alike: that is what makes restore bit-identical.
-from quantizers.primitives import QuantizedTensor, dequantize, plain_group_index  # noqa: F401  (re-exported)
+from quantizers.primitives import QuantizedTensor, dequantize, pack4, plain_group_index  # noqa: F401  (re-exported)
 
 FORMAT_VERSION = 2   # 2: method state under state/ (was buffer/), any method's
 META_FIELD = "vlmqb_cache"
@@ -98,38 +98,43 @@ def _check_weight(name: str, w: QuantizedTensor) -> None:
         if getattr(w, part).dtype != dtype:
             raise ValueError(f"{name}: {part} must be {dtype}, got {getattr(w, part).dtype}")
     rows, n_groups = w.scale.shape if w.scale.dim() == 2 else (-1, -1)
+    cols = w.group_index.numel()
     if (w.codes.dim() != 2 or w.scale.shape != w.zero.shape or w.codes.shape[0] != rows
-            or w.group_index.shape != (w.codes.shape[1],)):
-        raise ValueError(f"{name}: inconsistent shapes: codes {tuple(w.codes.shape)}, scale "
-                         f"{tuple(w.scale.shape)}, zero {tuple(w.zero.shape)}, group_index {tuple(w.group_index.shape)}")
+            or w.group_index.dim() != 1 or w.codes.shape[1] != (-(-cols // 2) if w.packed else cols)):
+        raise ValueError(f"{name}: inconsistent shapes: codes {tuple(w.codes.shape)}{' (packed)' if w.packed else ''}, "
+                         f"scale {tuple(w.scale.shape)}, zero {tuple(w.zero.shape)}, group_index {tuple(w.group_index.shape)}")
     if w.group_index.numel() and not 0 <= int(w.group_index.min()) <= int(w.group_index.max()) < n_groups:
         raise ValueError(f"{name}: group_index outside [0, {n_groups})")
-
-
-def _pack4(codes: torch.Tensor) -> torch.Tensor:
-    if codes.shape[1] % 2:  # pad an odd width with a zero column, dropped again on unpacking
-        codes = torch.cat([codes, codes.new_zeros(codes.shape[0], 1)], dim=1)
-    return codes[:, 0::2] | (codes[:, 1::2] << 4)
-
-
-def _unpack4(packed: torch.Tensor, cols: int) -> torch.Tensor:
-    pairs = torch.stack([packed & 15, packed >> 4], dim=-1)
-    return pairs.reshape(packed.shape[0], -1)[:, :cols].contiguous()
 
 
 def _encode(entry: QuantEntry) -> dict[str, torch.Tensor]:
     tensors = {}
     for name, w in entry.weights.items():
         _check_weight(name, w)
-        if w.codes.numel() == 0 or int(w.codes.max()) < 16:  # fits 4 bits: half the bytes
-            tensors[f"weight/{name}/codes4"] = _pack4(w.codes)
+        if w.packed:   # packed already where the codes were made (QuantizedTensor.to_host)
+            tensors[f"weight/{name}/codes4"] = w.codes
+        elif w.codes.numel() == 0 or int(w.codes.max()) < 16:  # fits 4 bits: half the bytes
+            tensors[f"weight/{name}/codes4"] = pack4(w.codes)
         else:
             tensors[f"weight/{name}/codes"] = w.codes
         tensors.update({f"weight/{name}/{part}": getattr(w, part) for part in ("scale", "zero", "group_index")})
     tensors.update({f"raw/{name}": t for name, t in entry.raw.items()})
     tensors.update({f"state/{name}": t for name, t in entry.state.items()})
-    # Own contiguous CPU copies: safetensors refuses views and tensors sharing storage (tied weights).
-    return {k: t.detach().cpu().clone(memory_format=torch.contiguous_format) for k, t in tensors.items()}
+    # safetensors refuses views and tensors sharing storage (tied weights): a tensor that is a
+    # whole host buffer of its own (quantize()'s host copies: no second copy of a 7B model's
+    # codes on the run's thread) is written as it is, anything else is copied.
+    seen: set[int] = set()
+    return {k: _sole_host_buffer(t.detach(), seen) for k, t in tensors.items()}
+
+
+def _sole_host_buffer(tensor: torch.Tensor, seen: set[int]) -> torch.Tensor:
+    storage = tensor.untyped_storage()
+    whole = (tensor.device.type == "cpu" and tensor.is_contiguous() and tensor.storage_offset() == 0
+             and storage.nbytes() == tensor.numel() * tensor.element_size() and storage.data_ptr() not in seen)
+    if not whole:
+        tensor = tensor.cpu().clone(memory_format=torch.contiguous_format)
+    seen.add(tensor.untyped_storage().data_ptr())
+    return tensor
 
 
 def _decode(tensors: dict[str, torch.Tensor], meta: dict) -> QuantEntry:
@@ -144,8 +149,10 @@ def _decode(tensors: dict[str, torch.Tensor], meta: dict) -> QuantEntry:
         else:
             raise ValueError(f"unknown tensor {key!r}")
     for name, p in parts.items():
-        codes = _unpack4(p["codes4"], p["group_index"].numel()) if "codes4" in p else p["codes"]
-        entry.weights[name] = QuantizedTensor(codes, p["scale"], p["zero"], p["group_index"])
+        # Packed codes stay packed: apply_entry unpacks them on the model's device.
+        packed = "codes4" in p
+        entry.weights[name] = QuantizedTensor(p["codes4" if packed else "codes"], p["scale"], p["zero"],
+                                              p["group_index"], packed=packed)
         _check_weight(name, entry.weights[name])
     return entry
 
@@ -334,10 +341,13 @@ def apply_entry(model: nn.Module, entry: QuantEntry) -> None:
     """Write dequantized weights and raw parameters into model by name. Every name and shape is
     checked before anything is written, so a mismatched entry leaves the model untouched."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    weights = {name: _resolve(params, name, w.codes.shape) for name, w in entry.weights.items()}
+    weights = {name: _resolve(params, name, w.shape) for name, w in entry.weights.items()}
     raws = {name: _resolve(params, name, t.shape, t.dtype) for name, t in entry.raw.items()}
     for name, param in weights.items():
-        w = entry.weights[name]
+        # Unpacked and dequantized where the parameter lives, not on the host (part of the 17-34 s
+        # that reading a 7B language model's entry took on an H100 machine at 7c729b1); float32
+        # sub and mul round the same on any device, so the weight is bit-identical either way.
+        w = entry.weights[name].to_device(param.device).unpacked()
         param.copy_(dequantize(w.codes, w.scale, w.zero, w.group_index, param.dtype))
     for name, param in raws.items():
         param.copy_(entry.raw[name])

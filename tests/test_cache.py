@@ -57,6 +57,7 @@ def entry_digest(entry: QuantEntry) -> str:
     digest = hashlib.sha256(json.dumps(entry.meta, sort_keys=True).encode())
     tensors = {f"b/{k}": v for k, v in entry.state.items()} | {f"r/{k}": v for k, v in entry.raw.items()}
     for name, w in entry.weights.items():
+        w = w.unpacked()   # a loaded entry keeps 4-bit codes packed
         tensors.update({f"w/{name}/{part}": getattr(w, part) for part in ("codes", "scale", "zero", "group_index")})
     for name in sorted(tensors):
         digest.update(name.encode() + str(tensors[name].dtype).encode() + tensors[name].numpy().tobytes())
@@ -81,7 +82,7 @@ def test_round_trip_restores_bit_identical_weights(tmp_path, dtype):
         assert name.endswith("bias") or not torch.equal(restored, before), name  # it did change
     assert loaded.meta == META
     assert torch.equal(loaded.state["0.awq_input_scale"], entry.state["0.awq_input_scale"])
-    assert all(torch.equal(loaded.weights[n].codes, w.codes) for n, w in entry.weights.items())
+    assert all(torch.equal(loaded.weights[n].unpacked().codes, w.codes) for n, w in entry.weights.items())
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -94,6 +95,8 @@ def test_codes_survive_packing_with_an_odd_width_and_any_group_mapping(tmp_path,
     names = safetensors.torch.load(cache.path(KEY).read_bytes()).keys()
     assert ("weight/w/codes4" in names) == (bits <= 4)
     loaded = cache.load(KEY).weights["w"]
+    assert loaded.packed == (bits <= 4)   # kept packed in memory: unpacked where it is applied
+    loaded = loaded.unpacked()
     assert torch.equal(loaded.codes, codes) and torch.equal(loaded.group_index, group_index)
     expected = torch.stack([weight.scale[:, g] * (codes[:, j].float() - weight.zero[:, g])
                             for j, g in enumerate(group_index.tolist())], dim=1)
@@ -254,3 +257,63 @@ def test_change_markers_tell_which_parameters_changed():
     assert after["0.weight"] != before["0.weight"] and after["1.weight"] != before["1.weight"]
     assert after["0.bias"] == before["0.bias"] and after["1.bias"] == before["1.bias"]
     assert after["1.weight"][0] == before["1.weight"][0]   # a swap keeps the plain sum: the weighted one tells
+
+
+@pytest.mark.parametrize("bits", [2, 4, 5, 8])
+def test_host_copy_packs_codes_that_fit_4_bits_and_gives_them_back(bits):
+    codes = torch.randint(0, 2 ** bits, (6, 33), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    codes[0, 0] = 2 ** bits - 1   # the grid's top code is there
+    weight = QuantizedTensor(codes, torch.rand(6, 3) + 0.1, torch.zeros(6, 3), torch.arange(33) % 3)
+    host = weight.to_host()
+    assert host.packed == (bits <= 4) and host.shape == (6, 33)
+    assert host.codes.shape == ((6, 17) if bits <= 4 else (6, 33))
+    assert torch.equal(host.unpacked().codes, codes) and host.unpacked().packed is False
+    assert host.to_host().packed == host.packed and torch.equal(host.to_host().codes, host.codes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_entry_packed_by_its_host_copy_saves_and_restores_bit_identical_weights(tmp_path, dtype):
+    """quantize() hands the cache entries packed by QuantizedTensor.to_host: written as they
+    are, read back packed, applied (unpacked on the model's device) to the quantized weights."""
+    original = make_model(dtype)
+    quantized, fresh, reapplied = copy.deepcopy(original), copy.deepcopy(original), copy.deepcopy(original)
+    entry = quantize_in_place(quantized)
+    entry.weights = {name: w.to_host() for name, w in entry.weights.items()}
+    assert all(w.packed for w in entry.weights.values())
+    cache = QuantCache(tmp_path)
+    cache.save(KEY, entry)
+    names = safetensors.torch.load(cache.path(KEY).read_bytes()).keys()
+    assert {n for n in names if n.endswith("/codes4")} == {f"weight/{n}/codes4" for n in entry.weights}
+    apply_entry(fresh, cache.load(KEY))
+    apply_entry(reapplied, entry)   # the kept entry itself (a config applied again after an FP use)
+    for (name, restored), (_, again), (_, expected) in zip(fresh.named_parameters(), reapplied.named_parameters(),
+                                                           quantized.named_parameters()):
+        assert torch.equal(restored, expected) and torch.equal(again, expected), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: the entry is applied where the model is")
+def test_a_host_entry_applied_to_a_gpu_model_gives_its_quantized_weights():
+    original = make_model(torch.bfloat16).cuda()
+    quantized, fresh = copy.deepcopy(original), copy.deepcopy(original)
+    entry = quantize_in_place(quantized)
+    entry.weights = {name: w.to_host() for name, w in entry.weights.items()}
+    entry.raw = {name: t.cpu() for name, t in entry.raw.items()}
+    torch.cuda.synchronize()
+    apply_entry(fresh, entry)
+    for (name, restored), (_, expected) in zip(fresh.named_parameters(), quantized.named_parameters()):
+        assert restored.is_cuda and torch.equal(restored, expected), name
+
+
+def test_an_entrys_own_host_buffers_are_written_as_they_are_and_views_and_shared_storage_copied(tmp_path):
+    """The cache writes quantize()'s host copies without copying them again on the run's thread;
+    what safetensors refuses (a view into a larger buffer, two names on one storage) it copies."""
+    from quantizers.cache import _encode
+    owned, base = torch.arange(6.0).reshape(2, 3), torch.arange(12.0)
+    entry = QuantEntry(raw={"a": owned, "b": base[6:].view(2, 3), "c": owned}, meta={"m": 1})
+    tensors = _encode(entry)
+    assert tensors["raw/a"].data_ptr() == owned.data_ptr()
+    for name, source in (("raw/b", base[6:]), ("raw/c", owned)):
+        assert tensors[name].data_ptr() != source.data_ptr() and torch.equal(tensors[name].reshape(-1), source.reshape(-1))
+    cache = QuantCache(tmp_path)
+    cache.save(KEY, entry)
+    assert all(torch.equal(cache.load(KEY).raw[name], tensor) for name, tensor in entry.raw.items())

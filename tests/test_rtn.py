@@ -9,7 +9,7 @@ from torch import nn
 from fixtures.adapters import load_adapter
 from quantizers import api
 from quantizers.bpw import LayerRecord, bits_per_weight
-from quantizers.config import ConfigError, make_config
+from quantizers.config import ActivationQuant, ConfigError, make_config
 from quantizers.primitives import fake_quantize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,6 +123,15 @@ def test_the_entrys_host_copies_own_their_memory(tiny):
         assert torch.equal(raw, before) and raw.data_ptr() != params[name].data_ptr()
     weight = next(iter(entry.weights.values()))
     assert weight.codes.device.type == "cpu" and weight.group_index.dtype == torch.long
+    # Static activation ranges (the state a config leaves on the hooks) are copied too.
+    model = copy.deepcopy(tiny)
+    config = make_config("s", "rtn", {"language": 4}, a_bits=8, a_quant=ActivationQuant("tensor", "minmax"))
+    _, entry = api.quantize(model, config, batches)
+    held = [t for module in model.model.modules() for hook in module._forward_pre_hooks.values()
+            for t in getattr(hook, "range", None) or ()]   # the ranges the quantizer hooks apply
+    assert held and entry.state
+    on_model = {t.data_ptr() for t in [*held, *model.model.buffers(), *model.model.parameters()]}
+    assert not any(t.data_ptr() in on_model for t in entry.state.values())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: pinned memory needs one")
