@@ -101,8 +101,10 @@ def _check_weight(name: str, w: QuantizedTensor) -> None:
     cols = w.group_index.numel()
     if (w.codes.dim() != 2 or w.scale.shape != w.zero.shape or w.codes.shape[0] != rows
             or w.group_index.dim() != 1 or w.codes.shape[1] != (-(-cols // 2) if w.packed else cols)):
-        raise ValueError(f"{name}: inconsistent shapes: codes {tuple(w.codes.shape)}{' (packed)' if w.packed else ''}, "
-                         f"scale {tuple(w.scale.shape)}, zero {tuple(w.zero.shape)}, group_index {tuple(w.group_index.shape)}")
+        packed = " (packed)" if w.packed else ""
+        raise ValueError(f"{name}: inconsistent shapes: codes {tuple(w.codes.shape)}{packed}, "
+                         f"scale {tuple(w.scale.shape)}, zero {tuple(w.zero.shape)}, "
+                         f"group_index {tuple(w.group_index.shape)}")
     if w.group_index.numel() and not 0 <= int(w.group_index.min()) <= int(w.group_index.max()) < n_groups:
         raise ValueError(f"{name}: group_index outside [0, {n_groups})")
 

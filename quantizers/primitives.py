@@ -73,8 +73,8 @@ def unpack4(packed: torch.Tensor, cols: int) -> torch.Tensor:
 def host_copy(tensor: torch.Tensor) -> torch.Tensor:
     """A host copy of tensor that owns its memory; of a GPU tensor, straight into pinned memory
     without waiting: one copy at DMA speed, where .cpu() stages through pageable memory at a
-    fraction of it (a 7B language model's codes are 3.3 GB packed, 6.5 GB not). The caller synchronizes before
-    reading it."""
+    fraction of it (a 7B language model's codes are 3.3 GB packed, 6.5 GB not). The caller
+    synchronizes before reading it."""
     host = torch.empty_like(tensor, device="cpu", pin_memory=tensor.is_cuda)
     return host.copy_(tensor, non_blocking=tensor.is_cuda)
 

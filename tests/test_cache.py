@@ -286,12 +286,12 @@ def test_an_entry_packed_by_its_host_copy_saves_and_restores_bit_identical_weigh
     assert {n for n in names if n.endswith("/codes4")} == {f"weight/{n}/codes4" for n in entry.weights}
     apply_entry(fresh, cache.load(KEY))
     apply_entry(reapplied, entry)   # the kept entry itself (a config applied again after an FP use)
-    for (name, restored), (_, again), (_, expected) in zip(fresh.named_parameters(), reapplied.named_parameters(),
-                                                           quantized.named_parameters()):
+    pairs = zip(fresh.named_parameters(), reapplied.named_parameters(), quantized.named_parameters())
+    for (name, restored), (_, again), (_, expected) in pairs:
         assert torch.equal(restored, expected) and torch.equal(again, expected), name
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: the entry is applied where the model is")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: entries are applied where models are")
 def test_a_host_entry_applied_to_a_gpu_model_gives_its_quantized_weights():
     original = make_model(torch.bfloat16).cuda()
     quantized, fresh = copy.deepcopy(original), copy.deepcopy(original)
@@ -313,7 +313,8 @@ def test_an_entrys_own_host_buffers_are_written_as_they_are_and_views_and_shared
     tensors = _encode(entry)
     assert tensors["raw/a"].data_ptr() == owned.data_ptr()
     for name, source in (("raw/b", base[6:]), ("raw/c", owned)):
-        assert tensors[name].data_ptr() != source.data_ptr() and torch.equal(tensors[name].reshape(-1), source.reshape(-1))
+        copied = tensors[name]
+        assert copied.data_ptr() != source.data_ptr() and torch.equal(copied.reshape(-1), source.reshape(-1))
     cache = QuantCache(tmp_path)
     cache.save(KEY, entry)
     assert all(torch.equal(cache.load(KEY).raw[name], tensor) for name, tensor in entry.raw.items())
