@@ -14,6 +14,11 @@ variants twice) and timed on the next ones. Variants:
                  graph once per batch shape (what the graphs save, against suite_shared)
   suite_shared_static  share_image_prefix and static_cache (static_cache does not change the
                  packed path)
+  suite_shared_fused   suite_shared with the Llama language model's elementwise code compiled
+                 (torch.compile, dynamic shapes: RMSNorm, the rotary embedding's application,
+                 the MLP) for this variant only, not the suite's: the shared path's device time
+                 was 0.42 s a batch at 7c729b1, about 0.15-0.19 s of it eager elementwise kernels
+                 that these fuse; measures what fusing them would buy before the suite does it
   suite_eager_small    the suite's eager path on the same samples in batches of --small-batch
                  (default 1: issue 23's batch-vs-batch-1 agreement; the H100 runs to 848f78b used 8): how
                  many predictions a mere change of batch flips (bf16, and random weights' near-tied
@@ -28,7 +33,9 @@ Prints one JSON line per measurement: seconds, samples/s, predictions equal to e
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 import json
 import sys
 import time
@@ -45,6 +52,21 @@ def timed(torch, fn):
     value = fn()
     sync()
     return value, time.perf_counter() - start
+
+
+@contextmanager
+def fused_llama():
+    """Llama's RMSNorm, MLP and rotary application compiled (inside the block only): the
+    elementwise chains each become a few fused kernels; the GEMMs stay cuBLAS's."""
+    import torch
+    from transformers.models.llama import modeling_llama as llama
+    saved = llama.LlamaRMSNorm.forward, llama.LlamaMLP.forward, llama.apply_rotary_pos_emb
+    compile = partial(torch.compile, dynamic=True)
+    llama.LlamaRMSNorm.forward, llama.LlamaMLP.forward, llama.apply_rotary_pos_emb = map(compile, saved)
+    try:
+        yield
+    finally:
+        llama.LlamaRMSNorm.forward, llama.LlamaMLP.forward, llama.apply_rotary_pos_emb = saved
 
 
 def main() -> None:
@@ -161,6 +183,9 @@ def main() -> None:
                                  ("suite_shared_static", replace(shared, static_cache=True))):
             if name in variants:
                 suite_all(name, generation)
+        if "suite_shared_fused" in variants:
+            with fused_llama():
+                suite_all("suite_shared_fused", shared)
         if "suite_eager_small" in variants:
             small, outputs = args.small_batch, []
             timed_samples = samples[args.batch:(args.batches + 1) * args.batch]
