@@ -4,11 +4,16 @@
     python benchmarks/perf/cache_write.py                     # 4 Llama-7B decoder layers, cpu
     python benchmarks/perf/cache_write.py --layers 32 --device cuda   # the whole 7B language model
 
-The entry is what GPTQ/AWQ of --layers Llama-7B decoder layers hands the cache at W4 g128
-(4-bit codes, float32 scales and zeros, the column-to-group map), its tensors on --device as a
-quantizer leaves them. For each mode: "run waits" is the time get_or_build takes to hand the
-entry back (what a config's cache_write phase costs the run), "until on disk" the time until
-close() returns (every byte written and fsynced). Best of --repeat, each in a fresh directory.
+The entry is what GPTQ/AWQ of --layers Llama-7B decoder layers makes at W4 g128 (4-bit codes,
+float32 scales and zeros, the column-to-group map), its tensors on --device as a quantizer
+leaves them. First its copy to the host as quantize() makes it (QuantizedTensor.to_host: codes
+packed where they are, then copied into pinned memory; a config's entry_copy phase), into fresh
+pinned memory while the last entry is still held (as the run holds the applied config's entry)
+and into memory the caching host allocator kept, beside the pageable .cpu() of the same packed
+tensors. Then, for the host entry, each write mode: "run waits" is the time get_or_build takes to
+hand the entry back (what a config's cache_write phase costs the run), "until on disk" the time
+until close() returns (every byte written and fsynced). Best of --repeat, each in a fresh
+directory.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from quantizers.cache import QuantCache, QuantEntry, cache_key  # noqa: E402
-from quantizers.primitives import QuantizedTensor, plain_group_index  # noqa: E402
+from quantizers.primitives import QuantizedTensor, pack4, plain_group_index  # noqa: E402
 
 LLAMA_7B_LAYER = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
                   "gate_proj": (11008, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}
@@ -56,7 +61,7 @@ def main() -> None:
                         help="also time small torch ops on the main thread while an entry is written behind "
                              "(what a config evaluating meanwhile loses: the GIL, the cores)")
     args = parser.parse_args()
-    entry = w4_entry(args.layers, torch.device(args.device))
+    entry = host_copies(w4_entry(args.layers, torch.device(args.device)), args.repeat)
     if args.main_thread:
         main_thread_beside_a_write(entry, args)
     for write_behind in (False, True):
@@ -76,6 +81,37 @@ def main() -> None:
         print(json.dumps({"write_behind": write_behind, "layers": args.layers, "device": args.device,
                           "entry_gb": round(size / 1e9, 3), "run_waits_s": round(min(waits), 2),
                           "until_on_disk_s": round(min(totals), 2)}), flush=True)
+
+
+def host_copies(entry: QuantEntry, repeat: int) -> QuantEntry:
+    """Time the entry's copies to the host (see the module's docstring); returns the host entry."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+    def to_host() -> tuple[QuantEntry, float]:
+        sync()
+        started = time.perf_counter()
+        host = QuantEntry({name: w.to_host() for name, w in entry.weights.items()}, meta=entry.meta)
+        sync()
+        return host, time.perf_counter() - started
+
+    held, fresh = None, []
+    for _ in range(repeat):   # the previous copy still alive: new pinned memory each time
+        host, seconds = to_host()
+        held, _ = host, fresh.append(seconds)
+    reused = []
+    for _ in range(repeat):   # the previous copy freed first: its blocks come back
+        held = None
+        held, seconds = to_host()
+        reused.append(seconds)
+    sync()
+    started = time.perf_counter()
+    pageable = [t.cpu() for w in entry.weights.values() for t in (pack4(w.codes), w.scale, w.zero, w.group_index)]
+    pageable_s = time.perf_counter() - started
+    size = sum(t.numel() * t.element_size() for t in pageable)
+    print(json.dumps({"host_copy_gb": round(size / 1e9, 3), "pinned_fresh_s": [round(x, 2) for x in fresh],
+                      "pinned_reused_s": [round(x, 2) for x in reused], "pageable_cpu_s": round(pageable_s, 2)}),
+          flush=True)
+    return held
 
 
 def small_ops(seconds: float) -> tuple[float, float]:
