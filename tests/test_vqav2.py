@@ -199,6 +199,25 @@ def test_packing_groups_questions_by_image_and_declines_when_nothing_repeats():
     assert pack(other, (other != 0).long(), pixels, image, pad) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_images_are_the_same_only_when_every_pixel_bit_is(dtype):
+    """pack's image grouping: as exact as comparing every row's bytes, though it compares in full
+    only rows whose sampled values agree (a difference between the samples still splits them)."""
+    from fixtures.adapters.shared_prefix import same_images
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(3, 40, 40, generator=g).to(dtype) for _ in range(2))
+    between = a.clone()
+    between.view(-1)[1] += 1      # not among the 16 sampled values (every 300th)
+    zero, negative_zero = a.clone(), a.clone()
+    zero.view(-1)[7], negative_zero.view(-1)[7] = 0.0, -0.0   # equal values, other bits
+    rows = torch.stack([a, b, a, between, b, zero, negative_zero, zero])
+    first_rows, image_of = same_images(rows, samples=16)
+    assert first_rows == [0, 1, 3, 5, 6] and image_of == [0, 1, 0, 2, 1, 3, 4, 3]
+    by_bytes: dict[bytes, int] = {}
+    expected = [by_bytes.setdefault(row.view(torch.uint8).numpy().tobytes(), len(by_bytes)) for row in rows]
+    assert image_of == expected
+
+
 def test_packed_masks_and_positions_keep_each_question_to_itself():
     """A question's tokens see the prefix and their own earlier tokens, pads only the prefix; at
     decode step t a question sees its own steps up to t; positions continue the unshared prompt's."""
