@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 # One dequantization formula for quantizers and cache alike: that is what makes restore bit-identical.
-from quantizers.primitives import QuantizedTensor, dequantize, pack4, plain_group_index  # noqa: F401  (re-exported)
+from quantizers.primitives import QuantizedTensor, dequantize, plain_group_index  # noqa: F401  (re-exported)
 
 FORMAT_VERSION = 2   # 2: method state under state/ (was buffer/), any method's
 META_FIELD = "vlmqb_cache"
@@ -113,12 +113,8 @@ def _encode(entry: QuantEntry) -> dict[str, torch.Tensor]:
     tensors = {}
     for name, w in entry.weights.items():
         _check_weight(name, w)
-        if w.packed:   # packed already where the codes were made (QuantizedTensor.to_host)
-            tensors[f"weight/{name}/codes4"] = w.codes
-        elif w.codes.numel() == 0 or int(w.codes.max()) < 16:  # fits 4 bits: half the bytes
-            tensors[f"weight/{name}/codes4"] = pack4(w.codes)
-        else:
-            tensors[f"weight/{name}/codes"] = w.codes
+        w = w.packed_if_it_fits()   # quantize()'s entries come packed already (QuantizedTensor.to_host)
+        tensors[f"weight/{name}/{'codes4' if w.packed else 'codes'}"] = w.codes
         tensors.update({f"weight/{name}/{part}": getattr(w, part) for part in ("scale", "zero", "group_index")})
     tensors.update({f"raw/{name}": t for name, t in entry.raw.items()})
     tensors.update({f"state/{name}": t for name, t in entry.state.items()})

@@ -40,9 +40,18 @@ class QuantizedTensor:
         return QuantizedTensor(unpack4(self.codes, self.shape[1]), self.scale, self.zero, self.group_index,
                                self.dequantized)
 
+    def packed_if_it_fits(self) -> "QuantizedTensor":
+        """This weight with its codes packed two a byte, where they are, if all are below 16
+        (itself when packed already or when they are not): the one place that decides it."""
+        if self.packed or not (self.codes.numel() == 0 or int(self.codes.max()) < 16):
+            return self
+        return QuantizedTensor(pack4(self.codes), self.scale, self.zero, self.group_index, None, True)
+
     def to_device(self, device) -> "QuantizedTensor":
-        """The integer form on `device`, still packed if it was (unpack where the work is)."""
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        """The integer form on `device`, still packed if it was (unpack where the work is). To a
+        GPU without waiting (stream order keeps it safe); to the host a waiting copy."""
+        non_blocking = torch.device(device).type == "cuda"
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return QuantizedTensor(move(self.codes), move(self.scale), move(self.zero), move(self.group_index),
                                None, self.packed)
 
@@ -50,11 +59,9 @@ class QuantizedTensor:
         """The integer form on the host, as the cache stores it: codes below 16 packed first,
         where they are (on a GPU: half the bytes to copy and to pin), then copied without waiting
         (host_copy: the caller synchronizes before reading it)."""
-        codes, packed = self.codes, self.packed
-        if not packed and (codes.numel() == 0 or int(codes.max()) < 16):
-            codes, packed = pack4(codes), True
-        return QuantizedTensor(host_copy(codes), host_copy(self.scale), host_copy(self.zero),
-                               host_copy(self.group_index.long()), None, packed)
+        w = self.packed_if_it_fits()
+        return QuantizedTensor(host_copy(w.codes), host_copy(w.scale), host_copy(w.zero),
+                               host_copy(w.group_index.long()), None, w.packed)
 
 
 def pack4(codes: torch.Tensor) -> torch.Tensor:

@@ -96,8 +96,8 @@ def host_copies(entry: QuantEntry, repeat: int) -> QuantEntry:
 
     held, fresh = None, []
     for _ in range(repeat):   # the previous copy still alive: new pinned memory each time
-        host, seconds = to_host()
-        held, _ = host, fresh.append(seconds)
+        held, seconds = to_host()
+        fresh.append(seconds)
     reused = []
     for _ in range(repeat):   # the previous copy freed first: its blocks come back
         held = None
