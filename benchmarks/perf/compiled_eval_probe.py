@@ -19,6 +19,11 @@ variants twice) and timed on the next ones. Variants:
                  the MLP) for this variant only, not the suite's: the shared path's device time
                  was 0.42 s a batch at 7c729b1, about 0.15-0.19 s of it eager elementwise kernels
                  that these fuse; measures what fusing them would buy before the suite does it
+  suite_distinct       suite_shared on batches of distinct images, one question each (a world of
+                 (--batches + 1) * --batch images, each image's first question): unshared
+                 VQAv2-style evaluation through the perf grid's path, nothing to share (issue 23's
+                 unshared 60 samples/s: the prefill of 64 whole prompts, then the packed decode)
+  suite_distinct_fused suite_distinct with suite_shared_fused's compiled elementwise code
   suite_eager_small    the suite's eager path on the same samples in batches of --small-batch
                  (default 1: issue 23's batch-vs-batch-1 agreement; the H100 runs to 848f78b used 8): how
                  many predictions a mere change of batch flips (bf16, and random weights' near-tied
@@ -107,6 +112,18 @@ def main() -> None:
         encoded.append(adapter.encode([s.image() for s in chosen], prompts))
         batches.append(adapter.to_device(encoded[-1]))
     lengths = [b["input_ids"].shape[1] for b in batches]
+    distinct = []   # batches of distinct images, one question each (the suite_distinct variants)
+    if any(v.startswith("suite_distinct") for v in args.variants.split(",")):
+        images = (args.batches + 1) * args.batch
+        world_d = ensure_world(args.world.with_name(args.world.name + "-distinct"),
+                               layout={"vqav2": {"train": 20, "val": images}})
+        first_question = {}
+        for sample in vqav2.load_official(world_d / "vqav2", "val"):
+            first_question.setdefault(sample.image_id, sample)
+        chosen_d = list(first_question.values())
+        for start in range(0, images, args.batch):
+            chosen = chosen_d[start:start + args.batch]
+            distinct.append(adapter.encode([s.image() for s in chosen], [adapter.short_answer_prompt(s.question) for s in chosen]))
 
     def report(**row):
         print(json.dumps(row), flush=True)
@@ -131,29 +148,31 @@ def main() -> None:
                samples_per_s=round(len(outputs) / seconds, 1), same_as_eager=f"{same}/{len(outputs)}",
                peak_gb=round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None)
 
-    def suite_all(name, generation):
+    def suite_all(name, generation, batches_encoded=None):
         """The suite's own path (adapter.generate_encoded) with these decoding settings, warmed up
         on the first batch twice: with a static cache the first call fills a new cache through
         the model itself and the second compiles the prefill (at 7c729b1 that compile, about 73 s,
         landed in the first timed batch)."""
+        batches_encoded = batches_encoded or encoded
         graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]  # noqa: E731
         before = graphs()
-        _, warm = timed(torch, lambda: [adapter.generate_encoded(encoded[0], generation) for _ in range(2)])
+        _, warm = timed(torch, lambda: [adapter.generate_encoded(batches_encoded[0], generation) for _ in range(2)])
         outputs, seconds, each = [], 0.0, []
-        for batch in encoded[1:]:
+        for batch in batches_encoded[1:]:
             out, spent = timed(torch, lambda: adapter.generate_encoded(batch, generation))
             seconds += spent
             each.append(round(spent, 2))
             outputs += out
         answers[name] = outputs
         same = {f"same_as_{other}": f"{sum(a == b for a, b in zip(outputs, answers[other]))}/{len(outputs)}"
-                for other in ("suite_eager", "suite_shared") if other in answers and other != name}
+                for other in ("suite_eager", "suite_shared", "suite_distinct")
+                if other in answers and other != name and (other == "suite_distinct") == (batches_encoded is distinct)}
         report(work=name, warmup_s=round(warm, 2), seconds=round(seconds, 3),
                samples_per_s=round(len(outputs) / seconds, 1), **same,
                batch_seconds=each, compiled_graphs=graphs() - before,
                peak_gb=round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None)
         if name in args.profile.split(","):
-            profile_batch(name, lambda: adapter.generate_encoded(encoded[1], generation))
+            profile_batch(name, lambda: adapter.generate_encoded(batches_encoded[1], generation))
 
     def profile_batch(name, work):
         """One batch under torch.profiler: the device's busy time beside the wall (what is left to
@@ -183,9 +202,14 @@ def main() -> None:
                                  ("suite_shared_static", replace(shared, static_cache=True))):
             if name in variants:
                 suite_all(name, generation)
+        if "suite_distinct" in variants:
+            suite_all("suite_distinct", shared, distinct)
         if "suite_shared_fused" in variants:
             with fused_llama():
                 suite_all("suite_shared_fused", shared)
+        if "suite_distinct_fused" in variants:
+            with fused_llama():
+                suite_all("suite_distinct_fused", shared, distinct)
         if "suite_eager_small" in variants:
             small, outputs = args.small_batch, []
             timed_samples = samples[args.batch:(args.batches + 1) * args.batch]

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Issue 23's measurements on one GPU, in the steps a device call can hold (10 minutes each):
+#   bash benchmarks/perf/issue23_gpu.sh probe      # compiled_eval_probe.py, cache_write.py, the CUDA tests
+#   bash benchmarks/perf/issue23_gpu.sh grid-new   # the LLaVA part of the perf grid, cold then warm cache
+#   bash benchmarks/perf/issue23_gpu.sh grid-old   # the same grid from old-tree/ (`git archive cc055f1`)
+# Everything lands under $OUT (default perf-out). Wheels under .whl/ are installed to /tmp/site first
+# (the device machine has torch and transformers but not the suite's other dependencies).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-perf-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$OUT/device.txt"
+COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+SELECT="llava and not awq-w4g128-all"
+
+# One grid run, its wall seconds from the shell, then its phase table.
+grid() {  # grid NAME CACHE_DIR [tree]
+  local name=$1 cache=$2 tree=${3:-.}
+  local start; start=$(python3 -c "import time; print(time.time())")
+  (cd "$tree" && python3 -m pytest --grid=benchmarks/grids/perf.yaml -k "$SELECT" --device cuda \
+      --report-dir "$OUT/$name" --cache-dir="$cache" -p no:cacheprovider -q) > "$OUT/$name.log" 2>&1
+  local rc=$?
+  python3 -c "import time; print('$name: rc $rc, wall %.1f s' % (time.time() - $start))" | tee -a "$OUT/walls.txt"
+  tail -3 "$OUT/$name.log"
+  python3 benchmarks/perf/phase_table.py "$OUT/$name/junit.xml" | tee "$OUT/$name-phases.txt"
+}
+
+case "${1:-}" in
+  probe)
+    python3 benchmarks/perf/compiled_eval_probe.py --batch 64 --batches 4 \
+      --variants "${VARIANTS:-suite_eager,suite_shared,suite_shared_fused,suite_distinct,suite_distinct_fused}" \
+      --profile "${PROFILE:-suite_shared_fused,suite_distinct,suite_distinct_fused}" --profile-dir "$OUT" \
+      2>&1 | grep -v Warning | tee "$OUT/probe-$COMMIT.log" | grep '^{'
+    python3 benchmarks/perf/cache_write.py --layers 32 --device cuda --repeat 2 2>&1 | tee "$OUT/cache_write-$COMMIT.log" | tail -8
+    timeout 120 python3 -m pytest tests/test_vqav2.py tests/test_rtn.py tests/test_cache.py \
+      -k "captured or pinned or gpu_model or fused" -q -p no:cacheprovider 2>&1 | tail -4 ;;
+  grid-new)
+    rm -rf /tmp/cold-new
+    grid "grid-new-$COMMIT-cold" /tmp/cold-new
+    [ "${WARM:-1}" = 1 ] && grid "grid-new-$COMMIT-warm" /tmp/cold-new ;;
+  grid-old)
+    rm -rf /tmp/cold-old
+    grid grid-old-cc055f1 /tmp/cold-old old-tree ;;
+  *) echo "usage: $0 probe|grid-new|grid-old" >&2; exit 2 ;;
+esac
