@@ -42,6 +42,10 @@ class Generation:
     # (fixtures/adapters/static_decode.py); families that generate with a decoder-only language
     # model, not with activation quantizers.
     static_cache: bool = False
+    # On a GPU, for families that support it (LLaVA): the language model's norms, MLPs and rotary
+    # application compiled (fixtures/adapters/fused_elementwise.py), compiled once per model and
+    # timed apart (the `compile` phase); not with activation quantizers. The CPU keeps eager code.
+    fused_elementwise: bool = False
 
     def merged(self, overrides: Mapping[str, Any]) -> "Generation":
         return dataclasses.replace(self, **overrides) if overrides else self

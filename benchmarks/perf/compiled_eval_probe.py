@@ -14,11 +14,11 @@ variants twice) and timed on the next ones. Variants:
                  graph once per batch shape (what the graphs save, against suite_shared)
   suite_shared_static  share_image_prefix and static_cache (static_cache does not change the
                  packed path)
-  suite_shared_fused   suite_shared with the Llama language model's elementwise code compiled
-                 (torch.compile, dynamic shapes: RMSNorm, the rotary embedding's application,
-                 the MLP) for this variant only, not the suite's: the shared path's device time
-                 was 0.42 s a batch at 7c729b1, about 0.15-0.19 s of it eager elementwise kernels
-                 that these fuse; measures what fusing them would buy before the suite does it
+  suite_shared_fused   suite_shared with Generation(fused_elementwise=True): the language model's
+                 norms, MLPs and rotary application compiled (fixtures/adapters/fused_elementwise.py;
+                 a GPU only), after the suite's `compile` phase, reported apart: the shared path's
+                 device time was 0.42 s a batch at 7c729b1, about 0.15-0.19 s of it eager
+                 elementwise kernels that these fuse
   suite_distinct       suite_shared on batches of distinct images, one question each (a world of
                  (--batches + 1) * --batch images, each image's first question): unshared
                  VQAv2-style evaluation through the perf grid's path, nothing to share (issue 23's
@@ -38,9 +38,7 @@ Prints one JSON line per measurement: seconds, samples/s, predictions equal to e
 from __future__ import annotations
 
 import argparse
-from contextlib import contextmanager
 from dataclasses import replace
-from functools import partial
 import json
 import sys
 import time
@@ -57,21 +55,6 @@ def timed(torch, fn):
     value = fn()
     sync()
     return value, time.perf_counter() - start
-
-
-@contextmanager
-def fused_llama():
-    """Llama's RMSNorm, MLP and rotary application compiled (inside the block only): the
-    elementwise chains each become a few fused kernels; the GEMMs stay cuBLAS's."""
-    import torch
-    from transformers.models.llama import modeling_llama as llama
-    saved = llama.LlamaRMSNorm.forward, llama.LlamaMLP.forward, llama.apply_rotary_pos_emb
-    compile = partial(torch.compile, dynamic=True)
-    llama.LlamaRMSNorm.forward, llama.LlamaMLP.forward, llama.apply_rotary_pos_emb = map(compile, saved)
-    try:
-        yield
-    finally:
-        llama.LlamaRMSNorm.forward, llama.LlamaMLP.forward, llama.apply_rotary_pos_emb = saved
 
 
 def main() -> None:
@@ -148,14 +131,16 @@ def main() -> None:
                samples_per_s=round(len(outputs) / seconds, 1), same_as_eager=f"{same}/{len(outputs)}",
                peak_gb=round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None)
 
+    def graphs_compiled():
+        return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
     def suite_all(name, generation, batches_encoded=None):
         """The suite's own path (adapter.generate_encoded) with these decoding settings, warmed up
         on the first batch twice: with a static cache the first call fills a new cache through
         the model itself and the second compiles the prefill (at 7c729b1 that compile, about 73 s,
         landed in the first timed batch)."""
         batches_encoded = batches_encoded or encoded
-        graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]  # noqa: E731
-        before = graphs()
+        before = graphs_compiled()
         _, warm = timed(torch, lambda: [adapter.generate_encoded(batches_encoded[0], generation) for _ in range(2)])
         outputs, seconds, each = [], 0.0, []
         for batch in batches_encoded[1:]:
@@ -169,7 +154,7 @@ def main() -> None:
                 if other in answers and other != name and (other == "suite_distinct") == (batches_encoded is distinct)}
         report(work=name, warmup_s=round(warm, 2), seconds=round(seconds, 3),
                samples_per_s=round(len(outputs) / seconds, 1), **same,
-               batch_seconds=each, compiled_graphs=graphs() - before,
+               batch_seconds=each, compiled_graphs=graphs_compiled() - before,
                peak_gb=round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None)
         if name in args.profile.split(","):
             profile_batch(name, lambda: adapter.generate_encoded(batches_encoded[1], generation))
@@ -204,12 +189,14 @@ def main() -> None:
                 suite_all(name, generation)
         if "suite_distinct" in variants:
             suite_all("suite_distinct", shared, distinct)
+        fused = replace(shared, fused_elementwise=True)
+        if any(name.endswith("_fused") for name in variants):
+            _, seconds = timed(torch, adapter.compile_for_evaluation)   # the suite's `compile` phase
+            report(work="compile", seconds=round(seconds, 1), compiled_graphs=graphs_compiled())
         if "suite_shared_fused" in variants:
-            with fused_llama():
-                suite_all("suite_shared_fused", shared)
+            suite_all("suite_shared_fused", fused)
         if "suite_distinct_fused" in variants:
-            with fused_llama():
-                suite_all("suite_distinct_fused", shared, distinct)
+            suite_all("suite_distinct_fused", fused, distinct)
         if "suite_eager_small" in variants:
             small, outputs = args.small_batch, []
             timed_samples = samples[args.batch:(args.batches + 1) * args.batch]

@@ -1,0 +1,57 @@
+"""The language model's elementwise code compiled (Generation.fused_elementwise, a GPU's default
+path where it is on): the eager predictions on the tiny LLaVA, compiled once per model, and
+nothing changed outside the call. Run here on the CPU through the same context the GPU uses."""
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from fixtures.adapters import load_adapter
+from fixtures.adapters.fused_elementwise import fusable_modules, fused_elementwise, warm_up
+from fixtures.world.generate import generate_world
+from tasks import vqav2
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    generate_world(root, seed=3, layout={"vqav2": {"train": 4, "val": 12}}, progress=False)
+    return root
+
+
+def predictions(adapter, samples, **settings):
+    generation = replace(vqav2.GENERATION, **settings)
+    result = vqav2.evaluate(adapter, samples, batch_size=20, progress=False, generation=generation)
+    return [s["prediction"] for s in result.samples]
+
+
+def test_compiled_elementwise_code_gives_the_eager_predictions_and_compiles_once(world):
+    from transformers.models.llama import modeling_llama
+
+    adapter = load_adapter("t", "llava", "fixtures/tiny/llava-tiny", torch.device("cpu"), "float32", ROOT)
+    samples = vqav2.load_official(world / "vqav2", "val2014")[:40]
+    language = adapter.component("language")
+    eager = {shared: predictions(adapter, samples, share_image_prefix=shared) for shared in (False, True)}
+    rotary = modeling_llama.apply_rotary_pos_emb
+    graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]  # noqa: E731
+
+    warm_up(language)
+    compiled = graphs()
+    assert compiled >= 3, "the norm, the MLP and the rotary application compile"
+    with fused_elementwise(language):
+        assert modeling_llama.apply_rotary_pos_emb is not rotary
+        assert all("forward" in module.__dict__ for module in fusable_modules(language))
+        fused = {shared: predictions(adapter, samples, share_image_prefix=shared) for shared in (False, True)}
+        with torch.no_grad():   # another config's weights: the same graphs (parameters are inputs)
+            for parameter in language.parameters():
+                parameter.mul_(0.99)
+        predictions(adapter, samples, share_image_prefix=True)
+    assert fused == eager
+    assert graphs() == compiled, "evaluation compiled nothing the warm-up had not"
+    # Nothing outside the call changed.
+    assert modeling_llama.apply_rotary_pos_emb is rotary
+    assert not any("forward" in module.__dict__ for module in fusable_modules(language))
+    assert len(fusable_modules(language)) == 3 * language.config.num_hidden_layers + 1   # 2 norms + MLP a layer, final norm
