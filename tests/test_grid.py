@@ -1,4 +1,5 @@
 """Grid validation: every malformed grid is one GridError naming the file and the field."""
+import dataclasses
 import textwrap
 from pathlib import Path
 
@@ -8,6 +9,7 @@ from fixtures.runtime.grid import GridError, generation_for, group_costs, load_g
 from fixtures.runtime.invocation import OptionError, check_device
 from quantizers.config import ConfigError, make_config
 from tasks.registry import TASKS
+from tasks.requests import Generation
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = """
@@ -185,6 +187,19 @@ def test_generation_merges_the_model_and_task_overrides_over_the_task_defaults()
     assert generation_for(blip2, "coco_caption") == replace(coco_caption.GENERATION, num_beams=5, min_length=8)
     assert generation_for(grid.models["llava-1.5-7b"], "vqav2") is vqav2.GENERATION   # no overrides: greedy
     assert generation_for(grid.models["blip2-itm-coco"], "flickr_retrieval") is None   # sends no generative request
+
+
+def test_a_switch_is_on_for_a_model_where_it_or_one_of_its_tasks_turns_it_on():
+    """The runtime compiles a model's fused code at its build when any of its tasks will use it."""
+    from fixtures.runtime.grid import GenerationOverrides
+
+    default = next(f.default for f in dataclasses.fields(Generation) if f.name == "fused_elementwise")
+    assert GenerationOverrides().on_for_any_task("fused_elementwise") is default
+    off = GenerationOverrides.from_grid({"fused_elementwise": False})
+    assert not off.on_for_any_task("fused_elementwise")
+    assert GenerationOverrides.from_grid({"fused_elementwise": False, "tasks": {"vqav2": {"fused_elementwise": True}}}
+                                         ).on_for_any_task("fused_elementwise")
+    assert GenerationOverrides.from_grid({"share_image_prefix": True}).on_for_any_task("share_image_prefix")
 
 
 # -- issue 21: values, not only types ------------------------------------------------------------
