@@ -22,7 +22,8 @@ SELECT="llava and not awq-w4g128-all"
 grid() {  # grid NAME CACHE_DIR [tree]
   local name=$1 cache=$2 tree=${3:-.}
   local start; start=$(python3 -c "import time; print(time.time())")
-  (cd "$tree" && python3 -m pytest --grid=benchmarks/grids/perf.yaml -k "$SELECT" --device cuda \
+  # Cold: a new inductor cache too (the probe's compiles stay on the machine between calls).
+  (cd "$tree" && TORCHINDUCTOR_CACHE_DIR=${INDUCTOR_CACHE:-$(mktemp -d)} python3 -m pytest --grid=benchmarks/grids/perf.yaml -k "$SELECT" --device cuda \
       --report-dir "$OUT/$name" --cache-dir="$cache" -p no:cacheprovider -q) > "$OUT/$name.log" 2>&1
   local rc=$?
   python3 -c "import time; print('$name: rc $rc, wall %.1f s' % (time.time() - $start))" | tee -a "$OUT/walls.txt"
@@ -40,9 +41,10 @@ case "${1:-}" in
     timeout 120 python3 -m pytest tests/test_vqav2.py tests/test_rtn.py tests/test_cache.py \
       -k "captured or pinned or gpu_model or fused" -q -p no:cacheprovider 2>&1 | tail -4 ;;
   grid-new)
-    rm -rf /tmp/cold-new
-    grid "grid-new-$COMMIT-cold" /tmp/cold-new
-    [ "${WARM:-1}" = 1 ] && grid "grid-new-$COMMIT-warm" /tmp/cold-new ;;
+    rm -rf /tmp/cold-new /tmp/inductor-new
+    INDUCTOR_CACHE=/tmp/inductor-new grid "grid-new-$COMMIT-cold" /tmp/cold-new
+    # Warm: the quantized-model cache and the inductor cache the cold run left (a user's second run).
+    [ "${WARM:-1}" = 1 ] && INDUCTOR_CACHE=/tmp/inductor-new grid "grid-new-$COMMIT-warm" /tmp/cold-new ;;
   grid-old)
     rm -rf /tmp/cold-old
     grid grid-old-cc055f1 /tmp/cold-old old-tree ;;
