@@ -44,8 +44,10 @@ class Generation:
     static_cache: bool = False
     # On a GPU, for families that support it (LLaVA): the language model's norms, MLPs and rotary
     # application compiled (fixtures/adapters/fused_elementwise.py), compiled once per model and
-    # timed apart (the `compile` phase); not with activation quantizers. The CPU keeps eager code.
-    fused_elementwise: bool = False
+    # timed apart (the `compile` phase); not with activation quantizers. On by default: the eager
+    # predictions on the tiny checkpoints, fewer kernels at full size (benchmarks/perf/RESULTS.md).
+    # The CPU keeps eager code whatever this says (a tiny model's whole run is shorter than a compile).
+    fused_elementwise: bool = True
 
     def merged(self, overrides: Mapping[str, Any]) -> "Generation":
         return dataclasses.replace(self, **overrides) if overrides else self

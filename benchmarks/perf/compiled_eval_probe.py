@@ -180,7 +180,8 @@ def main() -> None:
 
     with torch.inference_mode():
         from tasks.requests import Generation
-        plain = Generation(max_new_tokens=args.new_tokens)
+        # Every variant but the *_fused ones with eager elementwise code (the suite's default on a GPU: fused).
+        plain = Generation(max_new_tokens=args.new_tokens, fused_elementwise=False)
         shared = replace(plain, share_image_prefix=True)
         for name, generation in (("suite_eager", plain), ("suite_static", replace(plain, static_cache=True)),
                                  ("suite_shared", shared), ("suite_shared_graphs", replace(shared, decode_graphs=True)),
