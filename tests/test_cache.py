@@ -33,15 +33,16 @@ def quantize_in_place(model: nn.Module) -> QuantEntry:
     """What a quantizer does: RTN 3-bit group 16 written back, a scale folded into the LayerNorm
     (as AWQ does), an input-scale buffer; returns the entry that records it."""
     entry = QuantEntry(meta=copy.deepcopy(META))
+    device = model[0].weight.device   # where quantize() leaves an entry: on the model's device
     for name in ("0", "2"):
         weight = model.get_submodule(name).weight
         q = fake_quantize(weight, bits=3, group_size=16)
         weight.copy_(q.dequantized)
         entry.weights[f"{name}.weight"] = QuantizedTensor(q.codes, q.scale, q.zero,
-                                                          plain_group_index(weight.shape[1], 16))
-    model[1].weight.mul_(torch.linspace(0.5, 2.0, 32, dtype=model[1].weight.dtype))
+                                                          plain_group_index(weight.shape[1], 16).to(device))
+    model[1].weight.mul_(torch.linspace(0.5, 2.0, 32, dtype=model[1].weight.dtype, device=device))
     entry.raw["1.weight"] = model[1].weight.clone()
-    entry.state["0.awq_input_scale"] = torch.linspace(1.0, 3.0, 64)
+    entry.state["0.awq_input_scale"] = torch.linspace(1.0, 3.0, 64, device=device)
     return entry
 
 
@@ -298,6 +299,7 @@ def test_a_host_entry_applied_to_a_gpu_model_gives_its_quantized_weights():
     entry = quantize_in_place(quantized)
     entry.weights = {name: w.to_host() for name, w in entry.weights.items()}
     entry.raw = {name: t.cpu() for name, t in entry.raw.items()}
+    entry.state = {name: t.cpu() for name, t in entry.state.items()}
     torch.cuda.synchronize()
     apply_entry(fresh, entry)
     for (name, restored), (_, expected) in zip(fresh.named_parameters(), quantized.named_parameters()):
