@@ -119,6 +119,26 @@ def test_shared_image_prefix_gives_the_unshared_predictions(world, monkeypatch):
     assert shared.metrics == unshared.metrics
 
 
+def test_a_batch_of_distinct_images_decodes_packed_with_the_unshared_predictions(world, monkeypatch):
+    """Nothing to share, but the packed decode still runs (its buffers spare generate's cache
+    copies): one row per question, the unshared predictions."""
+    from fixtures.adapters import llava
+
+    adapter = load_adapter("t", "llava", "fixtures/tiny/llava-tiny", torch.device("cpu"), "float32", ROOT)
+    first_question = {}
+    for sample in vqav2.load_official(world / "vqav2", "val2014"):
+        first_question.setdefault(sample.image_id, sample)
+    samples = list(first_question.values())[:12]
+    assert len(samples) == 12
+    unshared = vqav2.evaluate(adapter, samples, batch_size=12, progress=False)
+    packed, real_generate = [], llava.generate_packed
+    monkeypatch.setattr(llava, "generate_packed", lambda *a, **kw: packed.append(real_generate(*a, **kw)) or packed[-1])
+    shared = vqav2.evaluate(adapter, samples, batch_size=12, progress=False,
+                            generation=replace(vqav2.GENERATION, share_image_prefix=True))
+    assert len(packed) == 1 and packed[0] is not None, "decoded packed"
+    assert [s["prediction"] for s in shared.samples] == [s["prediction"] for s in unshared.samples]
+
+
 def test_shared_image_prefix_keeps_a_minimum_of_new_tokens(world):
     """generate suppresses end-of-sequence until min_length new tokens; the packed decode too."""
     adapter = load_adapter("t", "llava", "fixtures/tiny/llava-tiny", torch.device("cpu"), "float32", ROOT)
@@ -178,7 +198,7 @@ def test_the_packed_path_sends_everything_before_the_prefill(world, monkeypatch)
     assert "send" in events[:first_forward] and "send" not in events[first_forward:]
 
 
-def test_packing_groups_questions_by_image_and_declines_when_nothing_repeats():
+def test_packing_groups_questions_by_image_and_declines_where_prefixes_differ():
     from fixtures.adapters.shared_prefix import pack
 
     image, pad = 9, 0
@@ -193,7 +213,8 @@ def test_packing_groups_questions_by_image_and_declines_when_nothing_repeats():
     assert batch.width == 4 and batch.decode_start == 3 + 2 * 4
     assert batch.ids.tolist() == [[0, 0, 5, 6, 8, 8, 8, 8], [0, 7, 7, 7, 0, 0, 0, 0]]
     assert batch.lengths.tolist() == [[2, 4], [3, 0]]
-    assert pack(ids[:2], mask[:2], pixels[:2], image, pad) is None          # no repeat
+    distinct = pack(ids[:2], mask[:2], pixels[:2], image, pad)              # no repeat: a row per question
+    assert distinct.slot_of.tolist() == [0, 0] and distinct.ids.tolist() == [[0, 5, 6], [7, 7, 7]]
     other = ids.clone()
     other[2, 0] = 2                                                         # other prefix
     assert pack(other, (other != 0).long(), pixels, image, pad) is None
