@@ -173,6 +173,33 @@ def test_configs_applied_in_place_match_fresh_copies_and_undo_exactly(bench):
     assert not any(name.endswith("awq_input_scale") for name, _ in restored.model.named_buffers())
 
 
+def test_the_pool_lets_go_of_the_last_configs_entry_before_building_the_next(bench, monkeypatch):
+    """On a GPU an entry's host copy goes into pinned memory; pinning new memory is most of its
+    cost, and the host allocator hands out freed pinned blocks again: the previous config's entry
+    (applied and kept for re-application and export) must be free before the next is built."""
+    import gc
+    import weakref
+
+    from fixtures.runtime import models
+
+    pool = fresh_pool(bench)
+    first, second = (case_for(make_config(f"rtn-w{bits}", "rtn", {"language": bits})) for bits in (3, 4))
+    pool.quantized(first, lambda a: None)
+    entry = weakref.ref(pool.applied_entry(MODEL))
+    alive_at_build = []
+    real_quantize = models.quantize
+
+    def quantize(*args, **kwargs):
+        gc.collect()
+        alive_at_build.append(entry() is not None)
+        return real_quantize(*args, **kwargs)
+
+    monkeypatch.setattr(models, "quantize", quantize)
+    pool.quantized(second, lambda a: None)
+    assert alive_at_build == [False]
+    assert pool.applied_entry(MODEL) is not None   # the new config's, for export
+
+
 def test_undoing_a_config_keeps_the_models_own_hooks(bench):
     """transformers registers its output-capturing hooks at a model's first forward. When that
     forward is a quantized config's (an xdist worker whose first test is not the FP one), undoing
