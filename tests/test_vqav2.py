@@ -175,6 +175,20 @@ def test_captured_decode_steps_give_the_eager_steps_tokens(world):
     assert adapter.model not in shared_prefix._HELD
 
 
+def test_the_packed_decode_reads_whether_all_finished_one_step_late():
+    """The decode loop stops on the flag recorded before the last one, so the host never waits
+    for the step it has just queued; the one step too many writes only pad tokens."""
+    from fixtures.adapters.shared_prefix import _FinishedOneStepLate
+
+    finished = _FinishedOneStepLate(torch.device("cpu"))
+    seen = []
+    for done in ([[False, True]], [[True, True]], [[True, True]]):
+        seen.append(finished.all_done_a_step_ago())
+        finished.record(torch.tensor(done))
+    seen.append(finished.all_done_a_step_ago())
+    assert seen == [False, False, False, True]
+
+
 def test_the_packed_path_sends_everything_before_the_prefill(world, monkeypatch):
     """On a GPU a copy from the host in mid-call waits for the queued prefill, and the device then
     idles while the host launches the next phase (the H100 profile: 180 ms of a 0.53 s batch).
