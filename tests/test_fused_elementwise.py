@@ -55,3 +55,19 @@ def test_compiled_elementwise_code_gives_the_eager_predictions_and_compiles_once
     assert modeling_llama.apply_rotary_pos_emb is rotary
     assert not any("forward" in module.__dict__ for module in fusable_modules(language))
     assert len(fusable_modules(language)) == 3 * language.config.num_hidden_layers + 1   # 2 norms + MLP a layer, final norm
+
+
+def test_a_failed_compile_turns_the_fused_code_off_with_one_warning(monkeypatch):
+    """A GPU machine whose compiler fails (no working Triton) evaluates with eager code, said once."""
+    from fixtures.adapters import llava
+
+    adapter = load_adapter("t", "llava", "fixtures/tiny/llava-tiny", torch.device("cpu"), "float32", ROOT)
+    monkeypatch.setattr(adapter, "device", torch.device("cuda"))   # compile_for_evaluation acts on a GPU only
+
+    def broken(language):
+        raise RuntimeError("Cannot find a working triton installation.\nmore detail")
+
+    monkeypatch.setattr(llava, "warm_up", broken)
+    with pytest.warns(UserWarning, match=r"fused_elementwise off, its compile failed \(RuntimeError: Cannot find"):
+        adapter.compile_for_evaluation()
+    assert adapter.fused_off == "RuntimeError: Cannot find a working triton installation."
