@@ -19,6 +19,8 @@ variants twice) and timed on the next ones. Variants:
                  a GPU only), after the suite's `compile` phase, reported apart: the shared path's
                  device time was 0.42 s a batch at 7c729b1, about 0.15-0.19 s of it eager
                  elementwise kernels that these fuse
+  suite_shared_fused_graphs  suite_shared_fused with decode_graphs=True (where the host, not the
+                 device, bounds the fused shared path: the H200 of RESULTS.md)
   suite_distinct       suite_shared on batches of distinct images, one question each (a world of
                  (--batches + 1) * --batch images, each image's first question): unshared
                  VQAv2-style evaluation through the perf grid's path, nothing to share (issue 23's
@@ -150,7 +152,7 @@ def main() -> None:
             outputs += out
         answers[name] = outputs
         same = {f"same_as_{other}": f"{sum(a == b for a, b in zip(outputs, answers[other]))}/{len(outputs)}"
-                for other in ("suite_eager", "suite_shared", "suite_distinct")
+                for other in ("suite_eager", "suite_shared", "suite_shared_fused", "suite_distinct")
                 if other in answers and other != name and (other == "suite_distinct") == (batches_encoded is distinct)}
         report(work=name, warmup_s=round(warm, 2), seconds=round(seconds, 3),
                samples_per_s=round(len(outputs) / seconds, 1), **same,
@@ -196,6 +198,8 @@ def main() -> None:
             report(work="compile", seconds=round(seconds, 1), compiled_graphs=graphs_compiled())
         if "suite_shared_fused" in variants:
             suite_all("suite_shared_fused", fused)
+        if "suite_shared_fused_graphs" in variants:
+            suite_all("suite_shared_fused_graphs", replace(fused, decode_graphs=True))
         if "suite_distinct_fused" in variants:
             suite_all("suite_distinct_fused", fused, distinct)
         if "suite_eager_small" in variants:

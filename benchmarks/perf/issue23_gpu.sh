@@ -34,8 +34,8 @@ grid() {  # grid NAME CACHE_DIR [tree]
 case "${1:-}" in
   probe)
     python3 benchmarks/perf/compiled_eval_probe.py --batch 64 --batches 4 \
-      --variants "${VARIANTS:-suite_eager,suite_shared,suite_shared_fused,suite_distinct,suite_distinct_fused}" \
-      --profile "${PROFILE:-suite_shared_fused,suite_distinct,suite_distinct_fused}" --profile-dir "$OUT" \
+      --variants "${VARIANTS:-suite_eager,suite_shared,suite_shared_fused,suite_shared_fused_graphs,suite_distinct,suite_distinct_fused}" \
+      --profile "${PROFILE:-suite_shared_fused,suite_distinct_fused}" --profile-dir "$OUT" \
       2>&1 | grep -v Warning | tee "$OUT/probe-$COMMIT.log" | grep '^{'
     python3 benchmarks/perf/cache_write.py --layers 32 --device cuda --repeat 2 2>&1 | tee "$OUT/cache_write-$COMMIT.log" | tail -8
     timeout 120 python3 -m pytest tests/test_vqav2.py tests/test_rtn.py tests/test_cache.py \
