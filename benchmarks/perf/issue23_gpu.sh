@@ -33,6 +33,10 @@ grid() {  # grid NAME CACHE_DIR [tree]
 
 case "${1:-}" in
   probe)
+    # Python start and collection took 25.9 s before pytest's clock on the H200 (6.2 s on a 2-core
+    # CPU): what imports take, and the collection alone, timed.
+    python3 -c "import time; t = time.time(); import subprocess, sys; subprocess.run([sys.executable, '-X', 'importtime', '-m', 'pytest', '--grid=benchmarks/grids/perf.yaml', '-k', '$SELECT', '--collect-only', '-q', '-p', 'no:cacheprovider'], stderr=open('$OUT/importtime.txt', 'w'), stdout=subprocess.DEVNULL); print('collect-only: %.1f s' % (time.time() - t))" | tee -a "$OUT/walls.txt"
+    sort -t'|' -k2 -n "$OUT/importtime.txt" | tail -8
     python3 benchmarks/perf/compiled_eval_probe.py --batch 64 --batches 4 \
       --variants "${VARIANTS:-suite_eager,suite_shared,suite_shared_fused,suite_shared_fused_graphs,suite_distinct,suite_distinct_fused}" \
       --profile "${PROFILE:-suite_shared_fused,suite_distinct_fused}" --profile-dir "$OUT" \
