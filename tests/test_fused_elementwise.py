@@ -9,17 +9,9 @@ import torch
 
 from fixtures.adapters import load_adapter
 from fixtures.adapters.fused_elementwise import fusable_modules, fused_elementwise, warm_up
-from fixtures.world.generate import generate_world
 from tasks import vqav2
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    generate_world(root, seed=3, layout={"vqav2": {"train": 4, "val": 12}}, progress=False)
-    return root
 
 
 def predictions(adapter, samples, **settings):
@@ -28,11 +20,11 @@ def predictions(adapter, samples, **settings):
     return [s["prediction"] for s in result.samples]
 
 
-def test_compiled_elementwise_code_gives_the_eager_predictions_and_compiles_once(world):
+def test_compiled_elementwise_code_gives_the_eager_predictions_and_compiles_once(bench_world):
     from transformers.models.llama import modeling_llama
 
     adapter = load_adapter("t", "llava", "fixtures/tiny/llava-tiny", torch.device("cpu"), "float32", ROOT)
-    samples = vqav2.load_official(world / "vqav2", "val2014")[:40]
+    samples = vqav2.load_official(bench_world / "vqav2", "val2014")[:40]   # 10 images: shared batches pack
     language = adapter.component("language")
     eager = {shared: predictions(adapter, samples, share_image_prefix=shared) for shared in (False, True)}
     rotary = modeling_llama.apply_rotary_pos_emb

@@ -18,15 +18,18 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$OUT/de
 COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 SELECT="llava and not awq-w4g128-all"
 
+now() { python3 -c "import time; print(time.time())"; }   # the machine has no bc
+since() { python3 -c "import time; print('%.1f' % (time.time() - $1))"; }
+
 # One grid run, its wall seconds from the shell, then its phase table.
 grid() {  # grid NAME CACHE_DIR [tree]
   local name=$1 cache=$2 tree=${3:-.}
-  local start; start=$(python3 -c "import time; print(time.time())")
+  local start; start=$(now)
   # Cold: a new inductor cache too (the probe's compiles stay on the machine between calls).
   (cd "$tree" && TORCHINDUCTOR_CACHE_DIR=${INDUCTOR_CACHE:-$(mktemp -d)} python3 -m pytest --grid=benchmarks/grids/perf.yaml -k "$SELECT" --device cuda \
       --report-dir "$OUT/$name" --cache-dir="$cache" -p no:cacheprovider -q) > "$OUT/$name.log" 2>&1
   local rc=$?
-  python3 -c "import time; print('$name: rc $rc, wall %.1f s' % (time.time() - $start))" | tee -a "$OUT/walls.txt"
+  echo "$name: rc $rc, wall $(since "$start") s" | tee -a "$OUT/walls.txt"
   tail -3 "$OUT/$name.log"
   python3 benchmarks/perf/phase_table.py "$OUT/$name/junit.xml" | tee "$OUT/$name-phases.txt"
 }
@@ -35,7 +38,10 @@ case "${1:-}" in
   probe)
     # Python start and collection took 25.9 s before pytest's clock on the H200 (6.2 s on a 2-core
     # CPU): what imports take, and the collection alone, timed.
-    python3 -c "import time; t = time.time(); import subprocess, sys; subprocess.run([sys.executable, '-X', 'importtime', '-m', 'pytest', '--grid=benchmarks/grids/perf.yaml', '-k', '$SELECT', '--collect-only', '-q', '-p', 'no:cacheprovider'], stderr=open('$OUT/importtime.txt', 'w'), stdout=subprocess.DEVNULL); print('collect-only: %.1f s' % (time.time() - t))" | tee -a "$OUT/walls.txt"
+    start=$(now)
+    python3 -X importtime -m pytest --grid=benchmarks/grids/perf.yaml -k "$SELECT" --collect-only -q \
+      -p no:cacheprovider > /dev/null 2> "$OUT/importtime.txt"
+    echo "collect-only: $(since "$start") s" | tee -a "$OUT/walls.txt"
     sort -t'|' -k2 -n "$OUT/importtime.txt" | tail -8
     python3 benchmarks/perf/compiled_eval_probe.py --batch 64 --batches 4 \
       --variants "${VARIANTS:-suite_eager,suite_shared,suite_shared_fused,suite_shared_fused_graphs,suite_distinct,suite_distinct_fused}" \
