@@ -59,6 +59,7 @@ class AWQ(Method):
         out = QuantOutput()
         # 1) Search and apply every scale on the FP weights first; a producer Linear (v_proj,
         #    up_proj) must be rescaled before it is itself rounded.
+        rounded = {t.module for t in window.targets}
         for block in window.blocks:
             names = {id(m): n for n, m in block.module.named_modules()}
             for members, fold_target in _scale_groups(block, window.layout):
@@ -74,10 +75,14 @@ class AWQ(Method):
                 if fold_target is not None:
                     fold = awq.fold_into_linear if isinstance(fold_target, nn.Linear) else awq.fold_into_norm
                     fold(fold_target, linears, s)
-                    # The fold rescales the producer's parameters; a target's weight is rounded later,
-                    # anything else (norm gain and bias, a producer's bias) is declared as changed.
+                    # The fold rescales the producer's parameters; a target's weight is rounded later
+                    # (the entry holds it as codes), anything else (norm gain and bias, a producer's
+                    # bias, a producer left at 16 bits) is declared as changed. Declaring a rounded
+                    # weight too put a second, 16-bit copy of every v_proj and up_proj in the entry:
+                    # 4 GB more to pin and write for a 7B language model (benchmarks/perf/RESULTS.md).
                     out.changed.update(f"{block.name}.{names[id(fold_target)]}.{p}"
-                                       for p, _ in fold_target.named_parameters())
+                                       for p, param in fold_target.named_parameters()
+                                       if not (param is getattr(fold_target, "weight", None) and fold_target in rounded))
                 else:
                     awq.attach_input_scale(linears[0], s)
                 for t in members:
