@@ -30,10 +30,12 @@ class Generation:
     # checkpoints, but a bf16 near-tie could round the other way.
     share_image_prefix: bool = False
     # With share_image_prefix on a GPU: replay the packed decode step as a CUDA graph captured
-    # once per batch shape. Off by default: on an H100 at batch 64 the eager step was as fast in
-    # steady batches (0.47-0.51 s against 0.50-0.55 s) and each new shape paid a capture (about
-    # 0.3 s, again every config: the weights change). For hosts too slow to launch a step's kernels.
-    decode_graphs: bool = False
+    # once per batch shape (rows rounded up to a multiple of 8, so batches share shapes). On by
+    # default: with fused_elementwise each eager step pays the compiled functions' guards, and on
+    # an H100 whose host bounds it the fused shared batch took 0.74-0.93 s against 0.40-0.48 s
+    # captured (79 -> 150 samples/s, the same predictions: benchmarks/perf/RESULTS.md). Each new
+    # shape pays a capture (about 0.3 s, again every config: the weights change).
+    decode_graphs: bool = True
     # Batches of prompts of similar token length (tasks.base.generate_replies): less padding to
     # prefill where prompts vary (ScienceQA's hints); off by default, as it regroups the batches.
     length_buckets: bool = False

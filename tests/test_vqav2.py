@@ -175,6 +175,26 @@ def test_captured_decode_steps_give_the_eager_steps_tokens(world):
     assert adapter.model not in shared_prefix._HELD
 
 
+def test_decode_rows_rounded_up_give_the_same_tokens(world):
+    """With captured steps the decode runs at a rounded-up number of rows (so batches share
+    shapes); the extra rows start finished and see only the prefix: the batch's own rows decode
+    the tokens they decode without them (eager here, the path a GPU captures)."""
+    from fixtures.adapters import shared_prefix
+
+    adapter = load_adapter("t", "llava", "fixtures/tiny/llava-tiny", torch.device("cpu"), "float32", ROOT)
+    samples = vqav2.load_official(world / "vqav2", "val2014")[:20]
+    encoded = adapter.encode([s.image() for s in samples], [adapter.short_answer_prompt(s.question) for s in samples])
+    rows = len({s.image_id for s in samples})
+    assert rows % 8, "the batch's rows are not a multiple of 8 already"
+    tokens = {multiple: shared_prefix.generate_packed(adapter.model, adapter.component("language"), adapter.to_device,
+                                                      encoded, adapter.model.config.image_token_id,
+                                                      adapter.processor.tokenizer.pad_token_id,
+                                                      vqav2.GENERATION.max_new_tokens, row_multiple=multiple)[0]
+              for multiple in (1, 8)}
+    assert torch.equal(tokens[1], tokens[8])
+    shared_prefix.release(adapter.model)
+
+
 def test_the_packed_decode_reads_whether_all_finished_one_step_late():
     """The decode loop stops on the flag recorded before the last one, so the host never waits
     for the step it has just queued; the one step too many writes only pad tokens."""

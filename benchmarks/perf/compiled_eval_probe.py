@@ -26,6 +26,7 @@ variants twice) and timed on the next ones. Variants:
                  VQAv2-style evaluation through the perf grid's path, nothing to share (issue 23's
                  unshared 60 samples/s: the prefill of 64 whole prompts, then the packed decode)
   suite_distinct_fused suite_distinct with suite_shared_fused's compiled elementwise code
+  suite_distinct_fused_graphs  the same with decode_graphs=True (the suite's default on a GPU)
   suite_eager_small    the suite's eager path on the same samples in batches of --small-batch
                  (default 1: issue 23's batch-vs-batch-1 agreement; the H100 runs to 848f78b used 8): how
                  many predictions a mere change of batch flips (bf16, and random weights' near-tied
@@ -64,6 +65,8 @@ def main() -> None:
     parser.add_argument("--variants", default="eager,static,prefill")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--batches", type=int, default=4, help="timed batches after the warm-up one")
+    parser.add_argument("--distinct-batches", type=int, default=None,
+                        help="the suite_distinct variants' timed batches (default: --batches)")
     parser.add_argument("--new-tokens", type=int, default=10)
     parser.add_argument("--small-batch", type=int, default=1, help="suite_eager_small's batch size")
     parser.add_argument("--config", default="fixtures/configs/llava-1.5-7b-hf")
@@ -99,7 +102,7 @@ def main() -> None:
     lengths = [b["input_ids"].shape[1] for b in batches]
     distinct = []   # batches of distinct images, one question each (the suite_distinct variants)
     if any(v.startswith("suite_distinct") for v in args.variants.split(",")):
-        images = (args.batches + 1) * args.batch
+        images = ((args.distinct_batches or args.batches) + 1) * args.batch
         world_d = ensure_world(args.world.with_name(args.world.name + "-distinct"),
                                layout={"vqav2": {"train": 20, "val": images}})
         first_question = {}
@@ -152,8 +155,8 @@ def main() -> None:
             outputs += out
         answers[name] = outputs
         same = {f"same_as_{other}": f"{sum(a == b for a, b in zip(outputs, answers[other]))}/{len(outputs)}"
-                for other in ("suite_eager", "suite_shared", "suite_shared_fused", "suite_distinct")
-                if other in answers and other != name and (other == "suite_distinct") == (batches_encoded is distinct)}
+                for other in ("suite_eager", "suite_shared", "suite_shared_fused", "suite_distinct", "suite_distinct_fused")
+                if other in answers and other != name and other.startswith("suite_distinct") == (batches_encoded is distinct)}
         report(work=name, warmup_s=round(warm, 2), seconds=round(seconds, 3),
                samples_per_s=round(len(outputs) / seconds, 1), **same,
                batch_seconds=each, compiled_graphs=graphs_compiled() - before,
@@ -182,8 +185,9 @@ def main() -> None:
 
     with torch.inference_mode():
         from tasks.requests import Generation
-        # Every variant but the *_fused ones with eager elementwise code (the suite's default on a GPU: fused).
-        plain = Generation(max_new_tokens=args.new_tokens, fused_elementwise=False)
+        # Every variant but the *_fused ones with eager elementwise code, and but the *_graphs ones
+        # with an eager decode step (the suite's defaults on a GPU: fused, captured).
+        plain = Generation(max_new_tokens=args.new_tokens, fused_elementwise=False, decode_graphs=False)
         shared = replace(plain, share_image_prefix=True)
         for name, generation in (("suite_eager", plain), ("suite_static", replace(plain, static_cache=True)),
                                  ("suite_shared", shared), ("suite_shared_graphs", replace(shared, decode_graphs=True)),
@@ -202,6 +206,8 @@ def main() -> None:
             suite_all("suite_shared_fused_graphs", replace(fused, decode_graphs=True))
         if "suite_distinct_fused" in variants:
             suite_all("suite_distinct_fused", fused, distinct)
+        if "suite_distinct_fused_graphs" in variants:
+            suite_all("suite_distinct_fused_graphs", replace(fused, decode_graphs=True), distinct)
         if "suite_eager_small" in variants:
             small, outputs = args.small_batch, []
             timed_samples = samples[args.batch:(args.batches + 1) * args.batch]
