@@ -32,9 +32,10 @@ class Generation:
     # With share_image_prefix on a GPU: replay the packed decode step as a CUDA graph captured
     # once per batch shape (rows rounded up to a multiple of 8, so batches share shapes). On by
     # default: with fused_elementwise each eager step pays the compiled functions' guards, and on
-    # an H100 whose host bounds it the fused shared batch took 0.74-0.93 s against 0.40-0.48 s
-    # captured (79 -> 150 samples/s, the same predictions: benchmarks/perf/RESULTS.md). Each new
-    # shape pays a capture (about 0.3 s, again every config: the weights change).
+    # H100s whose host bounds it the fused shared batch took 0.53-0.94 s eager and 0.34-0.36 s
+    # captured (89.5 -> 182.1 samples/s, the same predictions), the perf grid's evaluation 3.5-4.4
+    # -> 2.1-2.2 s a config (benchmarks/perf/RESULTS.md). Each new shape pays a capture, again
+    # every config (the weights change).
     decode_graphs: bool = True
     # Batches of prompts of similar token length (tasks.base.generate_replies): less padding to
     # prefill where prompts vary (ScienceQA's hints); off by default, as it regroups the batches.

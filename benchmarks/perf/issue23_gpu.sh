@@ -45,8 +45,8 @@ case "${1:-}" in
       echo "collect-only: $(since "$start") s" | tee -a "$OUT/walls.txt"
       sort -t'|' -k2 -n "$OUT/importtime.txt" | tail -8
     fi
-    # Shared: 600 questions at 5 an image (one warm-up batch, nine timed: the last of 24).
-    python3 benchmarks/perf/compiled_eval_probe.py --batch 64 --batches 9 --distinct-batches 4 \
+    # Shared: 448 of the probe world's 529 questions about 120 images (one warm-up batch, six timed).
+    python3 benchmarks/perf/compiled_eval_probe.py --batch 64 --batches 6 --distinct-batches 4 \
       --variants "${VARIANTS:-suite_shared,suite_shared_fused,suite_shared_fused_graphs,suite_distinct,suite_distinct_fused,suite_distinct_fused_graphs}" \
       --profile "${PROFILE:-suite_shared_fused_graphs,suite_distinct_fused_graphs}" --profile-dir "$OUT" \
       2>&1 | grep -v Warning | tee "$OUT/probe-$COMMIT.log" | grep '^{'
