@@ -226,6 +226,7 @@ def test_each_test_records_the_runtime_phases_it_paid_for(bench, tmp_path):
     second = session.run(case_for(make_config("rtn-w3-language", "rtn", {"language": 3})))
 
     assert {"model_build", "data", "fp_baseline"} <= set(fp.phases) and fp.eval_seconds > 0
+    assert "compile" not in fp.phases, "the CPU compiles nothing: no compile phase of 0 s"
     assert {"snapshot", "calibration_data", "fingerprint", "cache_write", "entry_copy"} <= set(first.phases)
     assert "model_build" not in first.phases and "calibration_data" not in second.phases   # RTN: none
     assert "restore" in second.phases and "fp_baseline" not in second.phases
