@@ -3,6 +3,7 @@
 #   bash benchmarks/perf/issue23_gpu.sh probe      # compiled_eval_probe.py, cache_write.py, the CUDA tests
 #   bash benchmarks/perf/issue23_gpu.sh grid-new   # the LLaVA part of the perf grid, cold then warm cache
 #   bash benchmarks/perf/issue23_gpu.sh grid-old   # the same grid from old-tree/ (`git archive cc055f1`)
+#   bash benchmarks/perf/issue23_gpu.sh rotary     # rotary_probe.py: the compiled rotary kernel's forms
 # Everything lands under $OUT (default perf-out). Wheels under .whl/ are installed to /tmp/site first
 # (the device machine has torch and transformers but not the suite's other dependencies).
 set -uo pipefail
@@ -53,6 +54,9 @@ case "${1:-}" in
     python3 benchmarks/perf/cache_write.py --layers 32 --device cuda --repeat 2 2>&1 | tee "$OUT/cache_write-$COMMIT.log" | tail -8
     timeout 120 python3 -m pytest tests/test_vqav2.py tests/test_rtn.py tests/test_cache.py \
       -k "captured or pinned or gpu_model or fused or rounded" -q -p no:cacheprovider 2>&1 | tail -4 ;;
+  rotary)
+    # The fused rotary kernel at 1.1 ms a prefill call where its bytes take about 0.4 ms: forms side by side.
+    python3 benchmarks/perf/rotary_probe.py --code "$OUT/rotary-code" 2>&1 | grep -v Warning | tee "$OUT/rotary-$COMMIT.log" | grep '^{' ;;
   grid-new)
     rm -rf /tmp/cold-new /tmp/inductor-new
     INDUCTOR_CACHE=/tmp/inductor-new grid "grid-new-$COMMIT-cold" /tmp/cold-new
@@ -61,5 +65,5 @@ case "${1:-}" in
   grid-old)
     rm -rf /tmp/cold-old
     grid grid-old-cc055f1 /tmp/cold-old old-tree ;;
-  *) echo "usage: $0 probe|grid-new|grid-old" >&2; exit 2 ;;
+  *) echo "usage: $0 probe|grid-new|grid-old|rotary" >&2; exit 2 ;;
 esac
