@@ -8,9 +8,10 @@ transformers' Llama `apply_rotary_pos_emb` on exactly those inputs (a projection
 per head and transposed, cos and sin shared by all rows) in the forms one might run it:
 
   eager          the modeling code as it is (about eight kernels)
-  dynamic        torch.compile(dynamic=True): what fused_elementwise.py runs
-  static         torch.compile(dynamic=False): one graph per shape
-  contiguous     dynamic, on queries and keys made contiguous first (is it the layout?)
+  suite          what fused_elementwise.py runs since a00f619: torch.compile(dynamic=True) with the
+                 head count and width fixed (with_static_head_sizes), rows and positions dynamic
+  all_dynamic    torch.compile(dynamic=True) alone: every size symbolic (the suite to a00f619)
+  static         torch.compile(dynamic=False): one graph per shape (the bound to aim at)
 
 and prints, per form, milliseconds a call, the bandwidth that means, whether the outputs equal
 the eager ones, and the output strides. `--code DIR` writes the generated code of the compiled
@@ -23,8 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
 
 
 def main() -> None:
@@ -41,6 +46,8 @@ def main() -> None:
     import torch
     from torch._inductor.utils import run_and_get_code
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from fixtures.adapters.fused_elementwise import with_static_head_sizes
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -73,12 +80,13 @@ def main() -> None:
                       "torch": torch.__version__, "q": list(q.shape), "q_strides": list(q.stride()),
                       "bytes_per_call": moved}), flush=True)
     with torch.inference_mode():
-        for name in ("eager", "dynamic", "static", "contiguous"):
-            inputs = (q.contiguous(), k.contiguous(), cos, sin) if name == "contiguous" else (q, k, cos, sin)
+        for name in ("eager", "suite", "all_dynamic", "static"):
+            inputs = (q, k, cos, sin)
             function, int64_index = apply_rotary_pos_emb, None
             if name != "eager":
                 torch._dynamo.reset()   # a compiled form must not reuse another form's graph
-                function = torch.compile(apply_rotary_pos_emb, dynamic=name != "static")
+                function = torch.compile(with_static_head_sizes(apply_rotary_pos_emb) if name == "suite"
+                                         else apply_rotary_pos_emb, dynamic=name != "static")
                 if args.code is not None:
                     _, code = run_and_get_code(function, *inputs)
                     args.code.mkdir(parents=True, exist_ok=True)
