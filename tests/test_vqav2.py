@@ -97,18 +97,26 @@ def test_batched_greedy_matches_batch_size_one(world):
     assert one.metrics == many.metrics
 
 
+def record_packed(monkeypatch) -> list:
+    """What each call of the packed path returned (None: it declined and generate ran)."""
+    from fixtures.adapters import llava
+
+    packed, real_generate = [], llava.generate_packed
+    monkeypatch.setattr(llava, "generate_packed", lambda *a, **kw: packed.append(real_generate(*a, **kw)) or packed[-1])
+    return packed
+
+
 def test_shared_image_prefix_gives_the_unshared_predictions(world, monkeypatch):
-    from fixtures.adapters import llava, shared_prefix
+    from fixtures.adapters import shared_prefix
 
     adapter = load_adapter("t", "llava", "fixtures/tiny/llava-tiny", torch.device("cpu"), "float32", ROOT)
     samples = vqav2.load_official(world / "vqav2", "val2014")[:40]
     assert len({s.image_id for s in samples}) < len(samples)   # images asked about more than once
     unshared = vqav2.evaluate(adapter, samples, batch_size=20, progress=False)
 
-    layouts, packed = [], []
-    real_pack, real_generate = shared_prefix.pack, llava.generate_packed
+    layouts, real_pack = [], shared_prefix.pack
     monkeypatch.setattr(shared_prefix, "pack", lambda *a: layouts.append(real_pack(*a)) or layouts[-1])
-    monkeypatch.setattr(llava, "generate_packed", lambda *a, **kw: packed.append(real_generate(*a, **kw)) or packed[-1])
+    packed = record_packed(monkeypatch)
     shared = vqav2.evaluate(adapter, samples, batch_size=20, progress=False,
                             generation=replace(vqav2.GENERATION, share_image_prefix=True))
     prefixes = [layout.pixels for layout in layouts if layout is not None]
@@ -122,8 +130,6 @@ def test_shared_image_prefix_gives_the_unshared_predictions(world, monkeypatch):
 def test_a_batch_of_distinct_images_decodes_packed_with_the_unshared_predictions(world, monkeypatch):
     """Nothing to share, but the packed decode still runs (its buffers spare generate's cache
     copies): one row per question, the unshared predictions."""
-    from fixtures.adapters import llava
-
     adapter = load_adapter("t", "llava", "fixtures/tiny/llava-tiny", torch.device("cpu"), "float32", ROOT)
     first_question = {}
     for sample in vqav2.load_official(world / "vqav2", "val2014"):
@@ -131,8 +137,7 @@ def test_a_batch_of_distinct_images_decodes_packed_with_the_unshared_predictions
     samples = list(first_question.values())[:12]
     assert len(samples) == 12
     unshared = vqav2.evaluate(adapter, samples, batch_size=12, progress=False)
-    packed, real_generate = [], llava.generate_packed
-    monkeypatch.setattr(llava, "generate_packed", lambda *a, **kw: packed.append(real_generate(*a, **kw)) or packed[-1])
+    packed = record_packed(monkeypatch)
     shared = vqav2.evaluate(adapter, samples, batch_size=12, progress=False,
                             generation=replace(vqav2.GENERATION, share_image_prefix=True))
     assert len(packed) == 1 and packed[0] is not None, "decoded packed"

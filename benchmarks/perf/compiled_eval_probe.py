@@ -200,14 +200,13 @@ def main() -> None:
         if any("_fused" in name for name in variants):   # *_fused and *_fused_graphs alike
             _, seconds = timed(torch, adapter.compile_for_evaluation)   # the suite's `compile` phase
             report(work="compile", seconds=round(seconds, 1), compiled_graphs=graphs_compiled())
-        if "suite_shared_fused" in variants:
-            suite_all("suite_shared_fused", fused)
-        if "suite_shared_fused_graphs" in variants:
-            suite_all("suite_shared_fused_graphs", replace(fused, decode_graphs=True))
-        if "suite_distinct_fused" in variants:
-            suite_all("suite_distinct_fused", fused, distinct)
-        if "suite_distinct_fused_graphs" in variants:
-            suite_all("suite_distinct_fused_graphs", replace(fused, decode_graphs=True), distinct)
+        captured = replace(fused, decode_graphs=True)
+        for name, generation, batches_encoded in (("suite_shared_fused", fused, None),
+                                                  ("suite_shared_fused_graphs", captured, None),
+                                                  ("suite_distinct_fused", fused, distinct),
+                                                  ("suite_distinct_fused_graphs", captured, distinct)):
+            if name in variants:
+                suite_all(name, generation, batches_encoded)
         if "suite_eager_small" in variants:
             small, outputs = args.small_batch, []
             timed_samples = samples[args.batch:(args.batches + 1) * args.batch]

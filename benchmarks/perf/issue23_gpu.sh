@@ -61,7 +61,9 @@ case "${1:-}" in
     rm -rf /tmp/cold-new /tmp/inductor-new
     INDUCTOR_CACHE=/tmp/inductor-new grid "grid-new-$COMMIT-cold" /tmp/cold-new
     # Warm: the quantized-model cache and the inductor cache the cold run left (a user's second run).
-    [ "${WARM:-1}" = 1 ] && INDUCTOR_CACHE=/tmp/inductor-new grid "grid-new-$COMMIT-warm" /tmp/cold-new ;;
+    if [ "${WARM:-1}" = 1 ]; then   # (an `&&` here made WARM=0 exit 1)
+      INDUCTOR_CACHE=/tmp/inductor-new grid "grid-new-$COMMIT-warm" /tmp/cold-new
+    fi ;;
   grid-old)
     rm -rf /tmp/cold-old
     grid grid-old-cc055f1 /tmp/cold-old old-tree ;;
