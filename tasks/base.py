@@ -125,8 +125,9 @@ def generate_replies(adapter: Any, samples: Sequence, prompt_of: Callable[[Any],
     """(sample, prompt, reply decoded with `generation`) for every sample, in order, generated in batches under a
     progress bar: the loop every generative task shares; each task only prompts and scores.
 
-    The next batch is read and encoded (images decoded, resized, normalized; prompts tokenized)
-    on a background thread while the device generates the current one: the same inputs as one
+    The next batch is read and encoded (images decoded, resized, normalized, cast and pinned by
+    adapter.staged; prompts tokenized) on a background thread while the device generates the
+    current one: the same inputs as one
     after the other, with the host's work off the device's critical path. With
     `generation.length_buckets`, batches are formed from prompts of similar token length (less
     padding to prefill; replies still come back in the samples' order)."""
@@ -140,7 +141,7 @@ def generate_replies(adapter: Any, samples: Sequence, prompt_of: Callable[[Any],
 
     def encode(indices):
         prompts = [all_prompts[i] if all_prompts is not None else prompt_of(samples[i]) for i in indices]
-        return prompts, adapter.encode([samples[i].image() for i in indices], prompts)
+        return prompts, adapter.staged(adapter.encode([samples[i].image() for i in indices], prompts))
 
     bar = tqdm(total=len(samples), desc=desc, unit=unit, disable=not progress, leave=False)
     batches = list(batched(order, batch_size))

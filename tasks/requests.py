@@ -82,6 +82,11 @@ class Generates(abc.ABC):
     def encode(self, images: list, texts: list[str]) -> dict:
         """Processor output on the host, left-padded for batched generation."""
 
+    def staged(self, encoded: dict) -> dict:
+        """encode's output readied for the device on the same thread (cast, pinned): by default as
+        it is."""
+        return encoded
+
     @abc.abstractmethod
     def generate_encoded(self, encoded: dict, generation: Generation) -> list[str]:
         """The reply to each row of an encoded batch, decoded with `generation`."""

@@ -1,7 +1,8 @@
 """Shared pieces of the fake adapters the task tests use."""
+from tasks.requests import Generates
 
 
-class EncodesInline:
+class EncodesInline(Generates):
     """The encode / generate_encoded split of a real adapter, for a fake that only generates."""
 
     def encode(self, images, prompts):

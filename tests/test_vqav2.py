@@ -200,6 +200,29 @@ def test_decode_rows_rounded_up_give_the_same_tokens(world):
     shared_prefix.release(adapter.model)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="pinned memory and the device's own cast need a GPU; none here"))])
+def test_staged_inputs_are_pinned_and_reach_the_device_as_the_unstaged_ones(world, device):
+    """The encoding thread casts pixels to the model's dtype (and pins them on a GPU): to_device
+    then gives the very tensors it gives from encode's float32 output, cast on the device. A batch
+    of distinct images packs without copying its (pinned) pixels."""
+    from fixtures.adapters import shared_prefix
+
+    adapter = load_adapter("t", "llava", "fixtures/tiny/llava-tiny", torch.device(device), "bfloat16", ROOT)
+    samples = vqav2.load_official(world / "vqav2", "val2014")
+    chosen = list({s.image_id: s for s in samples}.values())[:6]   # distinct images
+    encoded = adapter.encode([s.image() for s in chosen], [adapter.short_answer_prompt(s.question) for s in chosen])
+    staged = adapter.staged(encoded)
+    assert encoded["pixel_values"].dtype == torch.float32 and staged["pixel_values"].dtype == torch.bfloat16
+    assert staged["pixel_values"].is_pinned() == (device == "cuda")
+    assert staged["input_ids"].dtype == encoded["input_ids"].dtype
+    plain, ready = adapter.to_device(encoded), adapter.to_device(staged)
+    assert plain.keys() == ready.keys() and all(torch.equal(plain[key], ready[key]) for key in plain)
+    batch = shared_prefix.pack(staged["input_ids"], staged["attention_mask"], staged["pixel_values"],
+                               adapter.model.config.image_token_id, adapter.processor.tokenizer.pad_token_id)
+    assert batch.pixels is staged["pixel_values"]
+
+
 def test_the_packed_decode_reads_whether_all_finished_one_step_late():
     """The decode loop stops on the flag recorded before the last one, so the host never waits
     for the step it has just queued; the one step too many writes only pad tokens."""

@@ -97,7 +97,7 @@ def main() -> None:
     for start in range(0, (args.batches + 1) * args.batch, args.batch):
         chosen = samples[start:start + args.batch]
         prompts = [adapter.short_answer_prompt(s.question) for s in chosen]
-        encoded.append(adapter.encode([s.image() for s in chosen], prompts))
+        encoded.append(adapter.staged(adapter.encode([s.image() for s in chosen], prompts)))   # as the suite's tasks do
         batches.append(adapter.to_device(encoded[-1]))
     lengths = [b["input_ids"].shape[1] for b in batches]
     distinct = []   # batches of distinct images, one question each (the suite_distinct variants)
@@ -111,7 +111,8 @@ def main() -> None:
         chosen_d = list(first_question.values())
         for start in range(0, images, args.batch):
             chosen = chosen_d[start:start + args.batch]
-            distinct.append(adapter.encode([s.image() for s in chosen], [adapter.short_answer_prompt(s.question) for s in chosen]))
+            distinct.append(adapter.staged(adapter.encode([s.image() for s in chosen],
+                                                          [adapter.short_answer_prompt(s.question) for s in chosen])))
 
     def report(**row):
         print(json.dumps(row), flush=True)
