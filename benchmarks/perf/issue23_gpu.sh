@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 23's measurements on one GPU, in the steps a device call can hold (10 minutes each):
 #   bash benchmarks/perf/issue23_gpu.sh probe      # compiled_eval_probe.py, cache_write.py, the CUDA tests
+#   bash benchmarks/perf/issue23_gpu.sh tests      # the CUDA tests alone (probe with TESTS=0 skips them)
 #   bash benchmarks/perf/issue23_gpu.sh grid-new   # the LLaVA part of the perf grid, cold then warm cache
 #   bash benchmarks/perf/issue23_gpu.sh grid-old   # the same grid from old-tree/ (`git archive cc055f1`)
 #   bash benchmarks/perf/issue23_gpu.sh rotary     # rotary_probe.py: the compiled rotary kernel's forms
@@ -54,8 +55,11 @@ case "${1:-}" in
     if [ "${CACHE_WRITE:-1}" = 1 ]; then   # the key/value write's forms (measured at f13055a)
       python3 benchmarks/perf/cache_write.py --layers 32 --device cuda --repeat 2 2>&1 | tee "$OUT/cache_write-$COMMIT.log" | tail -8
     fi
+    if [ "${TESTS:-1}" = 1 ]; then bash "$0" tests; fi ;;
+  tests)
+    # The CUDA tests (skipped on a CPU): captured = eager decode, pinned inputs, a host entry on a GPU model.
     timeout 120 python3 -m pytest tests/test_vqav2.py tests/test_rtn.py tests/test_cache.py \
-      -k "captured or pinned or gpu_model or fused or rounded" -q -p no:cacheprovider 2>&1 | tail -4 ;;
+      -k "captured or pinned or gpu_model or fused or rounded" -q -p no:cacheprovider 2>&1 | tee "$OUT/tests-$COMMIT.log" | tail -4 ;;
   rotary)
     # The fused rotary kernel at 1.1 ms a prefill call where its bytes take about 0.4 ms: forms side by side.
     python3 benchmarks/perf/rotary_probe.py --code "$OUT/rotary-code" 2>&1 | grep -v Warning | tee "$OUT/rotary-$COMMIT.log" | grep '^{' ;;
@@ -69,5 +73,5 @@ case "${1:-}" in
   grid-old)
     rm -rf /tmp/cold-old
     grid grid-old-cc055f1 /tmp/cold-old old-tree ;;
-  *) echo "usage: $0 probe|grid-new|grid-old|rotary" >&2; exit 2 ;;
+  *) echo "usage: $0 probe|tests|grid-new|grid-old|rotary" >&2; exit 2 ;;
 esac
