@@ -25,17 +25,17 @@ def test_compiled_elementwise_code_gives_the_eager_predictions_and_compiles_once
 
     adapter = load_adapter("t", "llava", "fixtures/tiny/llava-tiny", torch.device("cpu"), "float32", ROOT)
     samples = vqav2.load_official(bench_world / "vqav2", "val2014")[:40]   # 10 images: shared batches pack
-    language, vision = adapter.component("language"), adapter.component("vision")
+    language = adapter.component("language")
     eager = {shared: predictions(adapter, samples, share_image_prefix=shared) for shared in (False, True)}
     rotary = modeling_llama.apply_rotary_pos_emb
     graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]  # noqa: E731
 
-    warm_up(language, vision)
+    warm_up(language)
     compiled = graphs()
-    assert compiled >= 4, "the norm, the MLP, the rotary application and the vision MLP compile"
-    with fused_elementwise(language, vision):
+    assert compiled >= 3, "the norm, the MLP and the rotary application compile"
+    with fused_elementwise(language):
         assert modeling_llama.apply_rotary_pos_emb is not rotary
-        assert all("forward" in module.__dict__ for module in fusable_modules(language) + fusable_modules(vision))
+        assert all("forward" in module.__dict__ for module in fusable_modules(language))
         fused = {shared: predictions(adapter, samples, share_image_prefix=shared) for shared in (False, True)}
         with torch.no_grad():   # another config's weights: the same graphs (parameters are inputs)
             for parameter in language.parameters():
@@ -45,8 +45,7 @@ def test_compiled_elementwise_code_gives_the_eager_predictions_and_compiles_once
     assert graphs() == compiled, "evaluation compiled nothing the warm-up had not"
     # Nothing outside the call changed.
     assert modeling_llama.apply_rotary_pos_emb is rotary
-    assert not any("forward" in module.__dict__ for module in fusable_modules(language) + fusable_modules(vision))
-    assert len(fusable_modules(vision)) == vision.config.num_hidden_layers   # an MLP a layer
+    assert not any("forward" in module.__dict__ for module in fusable_modules(language))
     assert len(fusable_modules(language)) == 3 * language.config.num_hidden_layers + 1   # 2 norms + MLP a layer, final norm
 
 
@@ -57,7 +56,7 @@ def test_a_failed_compile_turns_the_fused_code_off_with_one_warning(monkeypatch)
     adapter = load_adapter("t", "llava", "fixtures/tiny/llava-tiny", torch.device("cpu"), "float32", ROOT)
     monkeypatch.setattr(adapter, "device", torch.device("cuda"))   # compile_for_evaluation acts on a GPU only
 
-    def broken(*parts):
+    def broken(language):
         raise RuntimeError("Cannot find a working triton installation.\nmore detail")
 
     monkeypatch.setattr(llava, "warm_up", broken)
