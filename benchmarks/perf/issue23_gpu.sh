@@ -5,6 +5,10 @@
 #   bash benchmarks/perf/issue23_gpu.sh grid-new   # the LLaVA part of the perf grid, cold then warm cache
 #   bash benchmarks/perf/issue23_gpu.sh grid-old   # the same grid from old-tree/ (`git archive cc055f1`)
 #   bash benchmarks/perf/issue23_gpu.sh rotary     # rotary_probe.py: the compiled rotary kernel's forms
+#   PACK=DIR bash benchmarks/perf/issue23_gpu.sh session   # what one call can hold (about 8 minutes
+#        on an H100): probe (no key/value write forms), grid-new cold, tests, rotary; after each
+#        step everything under $OUT is packed into DIR/<step>.tgz, so a call cut short keeps
+#        the steps it finished
 # Everything lands under $OUT (default perf-out). Wheels under .whl/ are installed to /tmp/site first
 # (the device machine has torch and transformers but not the suite's other dependencies).
 set -uo pipefail
@@ -12,9 +16,9 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-perf-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-if compgen -G ".whl/*.whl" >/dev/null; then
+if [ -z "${WHEELS_IN:-}" ] && compgen -G ".whl/*.whl" >/dev/null; then   # once per session's steps
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
+  export PYTHONPATH=/tmp/site WHEELS_IN=1
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$OUT/device.txt"
 COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -73,5 +77,10 @@ case "${1:-}" in
   grid-old)
     rm -rf /tmp/cold-old
     grid grid-old-cc055f1 /tmp/cold-old old-tree ;;
-  *) echo "usage: $0 probe|tests|grid-new|grid-old|rotary" >&2; exit 2 ;;
+  session)
+    pack() { if [ -n "${PACK:-}" ]; then tar czf "$PACK/$1.tgz" -C "$OUT" .; fi; }
+    CACHE_WRITE=0 TESTS=0 bash "$0" probe; pack a-probe
+    WARM=0 bash "$0" grid-new; pack b-grid
+    bash "$0" tests; bash "$0" rotary; pack c-rest ;;
+  *) echo "usage: $0 probe|tests|grid-new|grid-old|rotary|session" >&2; exit 2 ;;
 esac
