@@ -127,10 +127,9 @@ def generate_replies(adapter: Any, samples: Sequence, prompt_of: Callable[[Any],
 
     The next batch is read and encoded (images decoded, resized, normalized, cast and pinned by
     adapter.staged; prompts tokenized) on a background thread while the device generates the
-    current one: the same inputs as one
-    after the other, with the host's work off the device's critical path. With
-    `generation.length_buckets`, batches are formed from prompts of similar token length (less
-    padding to prefill; replies still come back in the samples' order)."""
+    current one: the same inputs as one after the other, with the host's work off the device's
+    critical path. With `generation.length_buckets`, batches are formed from prompts of similar
+    token length (less padding to prefill; replies still come back in the samples' order)."""
     # Bucketing needs every prompt up front; otherwise each is formatted with its batch, in the
     # background thread.
     all_prompts = None
