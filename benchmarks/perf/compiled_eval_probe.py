@@ -27,6 +27,12 @@ variants twice) and timed on the next ones. Variants:
                  unshared 60 samples/s: the prefill of 64 whole prompts, then the packed decode)
   suite_distinct_fused suite_distinct with suite_shared_fused's compiled elementwise code
   suite_distinct_fused_graphs  the same with decode_graphs=True (the suite's default on a GPU)
+  task_shared, task_distinct   the suite's whole loop (vqav2.evaluate: tasks.base.generate_replies)
+                 with the default GPU path's settings on the samples of suite_shared_fused_graphs and
+                 suite_distinct_fused_graphs: each batch encoded and staged on the background thread
+                 while the device generates the last, where every suite_* variant encodes up front.
+                 Beside them, one batch's encoding on the host alone: whether the host's image
+                 processing, not the device, bounds a real run
   suite_eager_small    the suite's eager path on the same samples in batches of --small-batch
                  (default 1: issue 23's batch-vs-batch-1 agreement; the H100 runs to 848f78b used 8): how
                  many predictions a mere change of batch flips (bf16, and random weights' near-tied
@@ -100,8 +106,8 @@ def main() -> None:
         encoded.append(adapter.staged(adapter.encode([s.image() for s in chosen], prompts)))   # as the suite's tasks do
         batches.append(adapter.to_device(encoded[-1]))
     lengths = [b["input_ids"].shape[1] for b in batches]
-    distinct = []   # batches of distinct images, one question each (the suite_distinct variants)
-    if any(v.startswith("suite_distinct") for v in args.variants.split(",")):
+    distinct, distinct_samples = [], []   # batches of distinct images, one question each (suite_distinct, task_distinct)
+    if any(v.startswith(("suite_distinct", "task_distinct")) for v in args.variants.split(",")):
         images = ((args.distinct_batches or args.batches) + 1) * args.batch
         world_d = ensure_world(args.world.with_name(args.world.name + "-distinct"),
                                layout={"vqav2": {"train": 20, "val": images}})
@@ -109,6 +115,7 @@ def main() -> None:
         for sample in vqav2.load_official(world_d / "vqav2", "val"):
             first_question.setdefault(sample.image_id, sample)
         chosen_d = list(first_question.values())
+        distinct_samples = chosen_d[:images]
         for start in range(0, images, args.batch):
             chosen = chosen_d[start:start + args.batch]
             distinct.append(adapter.staged(adapter.encode([s.image() for s in chosen],
@@ -198,7 +205,7 @@ def main() -> None:
         if "suite_distinct" in variants:
             suite_all("suite_distinct", shared, distinct)
         fused = replace(shared, fused_elementwise=True)
-        if any("_fused" in name for name in variants):   # *_fused and *_fused_graphs alike
+        if any("_fused" in name or name.startswith("task_") for name in variants):   # the default path's compile
             _, seconds = timed(torch, adapter.compile_for_evaluation)   # the suite's `compile` phase
             report(work="compile", seconds=round(seconds, 1), compiled_graphs=graphs_compiled())
         captured = replace(fused, decode_graphs=True)
@@ -208,6 +215,23 @@ def main() -> None:
                                                   ("suite_distinct_fused_graphs", captured, distinct)):
             if name in variants:
                 suite_all(name, generation, batches_encoded)
+        for name, task_samples, compared in (("task_shared", samples, "suite_shared_fused_graphs"),
+                                             ("task_distinct", distinct_samples, "suite_distinct_fused_graphs")):
+            if name not in variants:
+                continue
+            timed_count = (args.distinct_batches or args.batches) if name == "task_distinct" else args.batches
+            warm, measured = task_samples[:args.batch], task_samples[args.batch:(timed_count + 1) * args.batch]
+            chosen = measured[:args.batch]
+            pictures, prompts = [s.image() for s in chosen], [adapter.short_answer_prompt(s.question) for s in chosen]
+            _, host = timed(torch, lambda: adapter.staged(adapter.encode(pictures, prompts)))
+            vqav2.evaluate(adapter, warm, batch_size=args.batch, progress=False, generation=captured)
+            result, seconds = timed(torch, lambda: vqav2.evaluate(adapter, measured, batch_size=args.batch,
+                                                                  progress=False, generation=captured))
+            outputs = [s["prediction"] for s in result.samples]
+            same = ({f"same_as_{compared}": f"{sum(a == b for a, b in zip(outputs, answers[compared]))}/{len(outputs)}"}
+                    if compared in answers else {})
+            report(work=name, seconds=round(seconds, 3), samples_per_s=round(len(outputs) / seconds, 1), **same,
+                   host_encode_s_per_batch=round(host, 3))
         if "suite_eager_small" in variants:
             small, outputs = args.small_batch, []
             timed_samples = samples[args.batch:(args.batches + 1) * args.batch]

@@ -53,7 +53,7 @@ case "${1:-}" in
     fi
     # Shared: 448 of the probe world's 529 questions about 120 images (one warm-up batch, six timed).
     python3 benchmarks/perf/compiled_eval_probe.py --batch 64 --batches 6 --distinct-batches 4 \
-      --variants "${VARIANTS:-suite_shared,suite_shared_fused,suite_shared_fused_graphs,suite_distinct,suite_distinct_fused,suite_distinct_fused_graphs}" \
+      --variants "${VARIANTS:-suite_shared,suite_shared_fused,suite_shared_fused_graphs,suite_distinct,suite_distinct_fused,suite_distinct_fused_graphs,task_shared,task_distinct}" \
       --profile "${PROFILE:-suite_shared_fused_graphs,suite_distinct_fused_graphs}" --profile-dir "$OUT" \
       2>&1 | grep -v Warning | tee "$OUT/probe-$COMMIT.log" | grep '^{'
     if [ "${CACHE_WRITE:-1}" = 1 ]; then   # the key/value write's forms (measured at f13055a)
