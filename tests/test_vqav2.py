@@ -21,6 +21,11 @@ def world(tmp_path_factory):
     return root
 
 
+def encode_questions(adapter, samples):
+    """The processor's output for these samples' short-answer prompts, as the task encodes a batch."""
+    return adapter.encode([s.image() for s in samples], [adapter.short_answer_prompt(s.question) for s in samples])
+
+
 def test_generator_is_deterministic(world, tmp_path):
     generate_world(tmp_path, seed=3, layout={"vqav2": {"train": 4, "val": 30}}, progress=False)
     name = "v2_mscoco_val2014_annotations.json"
@@ -168,7 +173,7 @@ def test_captured_decode_steps_give_the_eager_steps_tokens(world):
     language, pad = adapter.component("language"), adapter.processor.tokenizer.pad_token_id
     for start in (0, 20, 40):
         chosen = samples[start:start + 20]
-        encoded = adapter.encode([s.image() for s in chosen], [adapter.short_answer_prompt(s.question) for s in chosen])
+        encoded = encode_questions(adapter, chosen)
         tokens = {graphs: shared_prefix.generate_packed(adapter.model, language, adapter.to_device, encoded,
                                                         adapter.model.config.image_token_id, pad,
                                                         vqav2.GENERATION.max_new_tokens, graphs=graphs)[0]
@@ -188,7 +193,7 @@ def test_decode_rows_rounded_up_give_the_same_tokens(world):
 
     adapter = load_adapter("t", "llava", "fixtures/tiny/llava-tiny", torch.device("cpu"), "float32", ROOT)
     samples = vqav2.load_official(world / "vqav2", "val2014")[:20]
-    encoded = adapter.encode([s.image() for s in samples], [adapter.short_answer_prompt(s.question) for s in samples])
+    encoded = encode_questions(adapter, samples)
     rows = len({s.image_id for s in samples})
     assert rows % 8, "the batch's rows are not a multiple of 8 already"
     tokens = {multiple: shared_prefix.generate_packed(adapter.model, adapter.component("language"), adapter.to_device,
@@ -211,7 +216,7 @@ def test_staged_inputs_are_pinned_and_reach_the_device_as_the_unstaged_ones(worl
     adapter = load_adapter("t", "llava", "fixtures/tiny/llava-tiny", torch.device(device), "bfloat16", ROOT)
     samples = vqav2.load_official(world / "vqav2", "val2014")
     chosen = list({s.image_id: s for s in samples}.values())[:6]   # distinct images
-    encoded = adapter.encode([s.image() for s in chosen], [adapter.short_answer_prompt(s.question) for s in chosen])
+    encoded = encode_questions(adapter, chosen)
     staged = adapter.staged(encoded)
     assert encoded["pixel_values"].dtype == torch.float32 and staged["pixel_values"].dtype == torch.bfloat16
     assert staged["pixel_values"].is_pinned() == (device == "cuda")
@@ -245,7 +250,7 @@ def test_the_packed_path_sends_everything_before_the_prefill(world, monkeypatch)
 
     adapter = load_adapter("t", "llava", "fixtures/tiny/llava-tiny", torch.device("cpu"), "float32", ROOT)
     samples = vqav2.load_official(world / "vqav2", "val2014")[:20]
-    encoded = adapter.encode([s.image() for s in samples], [adapter.short_answer_prompt(s.question) for s in samples])
+    encoded = encode_questions(adapter, samples)
     events = []
     real_lengths = shared_prefix.PackedBatch.lengths_on
     monkeypatch.setattr(shared_prefix.PackedBatch, "lengths_on",
